@@ -1,0 +1,1 @@
+"""Integrations of streamcoke with other libraries (imported as ``streamcoke.adapters``)."""

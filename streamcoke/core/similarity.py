@@ -1,0 +1,53 @@
+"""Similarity between samples and centers, the quantity every other step is built on.
+
+Two metrics are supported:
+
+* ``"cosine"``: ``s_ik = <x_i, c_k>`` on L2-normalised rows (CoKe's choice for deep features);
+* ``"euclidean"``: ``s_ik = -||x_i - c_k||^2``, so that "larger is better" holds for both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+METRICS = ("cosine", "euclidean")
+
+
+def normalize_rows(X: Tensor, eps: float = 1e-12) -> Tensor:
+    """Return ``X`` with every row scaled to unit L2 norm (zero rows stay zero)."""
+    return torch.nn.functional.normalize(X, dim=1, eps=eps)
+
+
+def prepare(X: Tensor, metric: str) -> Tensor:
+    """Put samples in the space the metric compares them in (unit sphere for cosine)."""
+    return normalize_rows(X) if metric == "cosine" else X
+
+
+def scores(X: Tensor, centers: Tensor, metric: str) -> Tensor:
+    """Similarity of every prepared sample to every center, shape ``(n_samples, n_centers)``."""
+    if metric == "cosine":
+        return X @ centers.T
+    # -||x - c||^2 = 2 <x, c> - ||c||^2 - ||x||^2, one matrix multiply plus two broadcasts.
+    sq_c = (centers * centers).sum(dim=1)
+    sq_x = (X * X).sum(dim=1, keepdim=True)
+    return torch.addmm(sq_c.neg().unsqueeze(0), X, centers.T, alpha=2.0).sub_(sq_x)
+
+
+def biased_scores(X: Tensor, centers: Tensor, bias: Tensor, metric: str) -> Tensor:
+    """``scores(X, centers) + bias`` up to a per-row constant, in one fused multiply-add.
+
+    The per-row term ``-||x||^2`` of the Euclidean metric does not change which center wins, so
+    it is left out here; :func:`row_offset` returns it for callers that need true scores.
+    """
+    if metric == "cosine":
+        return torch.addmm(bias.unsqueeze(0), X, centers.T)
+    sq_c = (centers * centers).sum(dim=1)
+    return torch.addmm((bias - sq_c).unsqueeze(0), X, centers.T, alpha=2.0)
+
+
+def row_offset(X: Tensor, metric: str) -> Tensor | None:
+    """The per-row constant that :func:`biased_scores` leaves out (``None`` when there is none)."""
+    if metric == "cosine":
+        return None
+    return (X * X).sum(dim=1).neg()

@@ -1,0 +1,50 @@
+"""Keeping clusterer state identical across ``torch.distributed`` ranks.
+
+Every rank assigns its own rows with the same centers and duals; the per-batch statistics
+(member counts, member sums, batch weight) are summed over ranks before any state changes, so
+every rank applies the same update as one process that saw the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device(t: Tensor) -> torch.device:
+    # NCCL needs CUDA tensors; gloo works on host tensors.
+    return t.device if dist.get_backend() != "gloo" else torch.device("cpu")
+
+
+def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:
+    """Sum tensors over all ranks (new tensors; a no-op copy-free pass-through when not distributed)."""
+    if not is_distributed():
+        return list(tensors)
+    out = []
+    for t in tensors:
+        buf = t.to(_collective_device(t), copy=True)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        out.append(buf.to(t.device))
+    return out
+
+
+def all_gather_rows(X: Tensor) -> Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different numbers of rows)."""
+    if not is_distributed():
+        return X
+    dev = _collective_device(X)
+    n = torch.tensor([X.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(X.shape[1:]), dtype=X.dtype, device=dev)
+    padded[: X.shape[0]] = X.to(dev)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(X.device)
