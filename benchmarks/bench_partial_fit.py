@@ -1,0 +1,93 @@
+"""Throughput of ``OnlineConstrainedKMeans.partial_fit`` against its floor and its peers.
+
+Side by side in one run, on the same batches: the bare similarity matrix multiply (the
+physical floor of the step), our ``partial_fit`` on torch and on numpy input, and
+scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown table of samples/s and
+ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
+
+    python benchmarks/bench_partial_fit.py                 # d=128, K=1000, batch 1024, CPU
+    python benchmarks/bench_partial_fit.py --device cuda   # the same on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved, machine, table, throughput, write_json  # noqa: E402
+
+from streamcoke import OnlineConstrainedKMeans  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-features", type=int, default=128)
+    p.add_argument("--n-clusters", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="a few seconds, for the smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.rounds = 3, 1
+    dev = torch.device(args.device)
+    d, K, b = args.n_features, args.n_clusters, args.batch_size
+    g = torch.Generator().manual_seed(0)
+    n_batches = args.batches + 3
+    X = torch.randn(n_batches * b, d, generator=g)
+    init = torch.nn.functional.normalize(torch.randn(K, d, generator=g), dim=1)
+    Xd, Cd = X.to(dev), init.to(dev)
+    Xn = X.numpy()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def batch(i):
+        return slice((i % n_batches) * b, (i % n_batches + 1) * b)
+
+    def run_matmul():
+        out = torch.empty(b, K, device=dev)
+        return throughput(lambda i: torch.mm(Xd[batch(i)], Cd.T, out=out), b, n_steps=args.batches, sync=sync)
+
+    def run_ours_torch():
+        km = OnlineConstrainedKMeans(K, init=init.numpy(), device=dev)
+        return throughput(lambda i: km.partial_fit(Xd[batch(i)]), b, n_steps=args.batches, sync=sync)
+
+    contenders = {"matmul (floor)": run_matmul, "streamcoke partial_fit (torch)": run_ours_torch}
+    if dev.type == "cpu":
+        from sklearn.cluster import MiniBatchKMeans
+
+        def run_ours_numpy():
+            km = OnlineConstrainedKMeans(K, init=init.numpy(), device=dev)
+            return throughput(lambda i: km.partial_fit(Xn[batch(i)]), b, n_steps=args.batches)
+
+        def run_sklearn():
+            mbk = MiniBatchKMeans(K, init=init.numpy(), n_init=1, batch_size=b, random_state=0)
+            return throughput(lambda i: mbk.partial_fit(Xn[batch(i)]), b, n_steps=max(1, args.batches // 3))
+
+        contenders["streamcoke partial_fit (numpy)"] = run_ours_numpy
+        contenders["scikit-learn MiniBatchKMeans.partial_fit"] = run_sklearn
+
+    rates = interleaved(contenders, args.rounds)
+    floor = rates["matmul (floor)"]
+    rows = [{"method": name, "samples/s": rate, "vs matmul": rate / floor} for name, rate in rates.items()]
+    if "scikit-learn MiniBatchKMeans.partial_fit" in rates:
+        sk = rates["scikit-learn MiniBatchKMeans.partial_fit"]
+        for r in rows:
+            r["vs scikit-learn"] = r["samples/s"] / sk
+    info = machine()
+    print(f"partial_fit, d={d}, K={K}, batch={b}, float32, device={dev} "
+          f"({info.get('gpu', info['cpu'])}, {info['torch_threads']} threads), median of {args.rounds} rounds")
+    print(table(rows, ["method", "samples/s", "vs matmul", "vs scikit-learn"]))
+    result = {"config": vars(args), "machine": info, "rates": rates}
+    if not args.quick:
+        print("wrote", write_json(f"partial_fit_{dev.type}", result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
