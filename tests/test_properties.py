@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamcoke import OnlineConstrainedKMeans
+from streamcoke.core.schedule import MIN_QUOTA_FOR_INNER
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -67,6 +68,8 @@ def test_labels_are_argmax_of_similarity_plus_duals(stream, p):
         km.partial_fit(b)
         if not km.__sklearn_is_fitted__() or km.n_steps_ == 1:
             continue
+        if p["dual_lr"] is None and len(b) * p["min_size_ratio"] / k >= MIN_QUOTA_FOR_INNER:
+            continue  # the default schedule re-assigns such a batch after inner dual steps
         top2 = np.sort(Z, axis=1)[:, -2:] if k > 1 else None
         clear = (top2[:, 1] - top2[:, 0]) > 1e-4 * (1 + np.abs(top2[:, 1]))  # skip float near-ties
         assert np.array_equal(km.labels_[clear], Z.argmax(axis=1)[clear])

@@ -97,7 +97,7 @@ def test_size_constraint_feeds_every_cluster():
     xs = blobs(1500)
     sizes = {}
     for ratio in (0.0, 1.0):
-        model = OnlineConstrainedKMeans(n_clusters=5, min_size_ratio=ratio, dual_lr=1.0, seed=3)
+        model = OnlineConstrainedKMeans(n_clusters=5, min_size_ratio=ratio, seed=3)
         for x in xs:
             model.learn_one(x)
         sizes[ratio] = model.cluster_sizes
@@ -109,7 +109,7 @@ def test_size_constraint_feeds_every_cluster():
 
 def test_max_size_ratio_caps_clusters():
     xs = blobs(1500)
-    model = OnlineConstrainedKMeans(n_clusters=3, min_size_ratio=0.0, max_size_ratio=1.1, dual_lr=1.0, seed=0)
+    model = OnlineConstrainedKMeans(n_clusters=3, min_size_ratio=0.0, max_size_ratio=1.1, seed=0)
     for x in xs:
         model.learn_one(x)
     assert max(model.cluster_sizes) <= 1.1 * len(xs) / 3 * 1.05
@@ -118,7 +118,7 @@ def test_max_size_ratio_caps_clusters():
 
 def test_step_matches_core_dual_update():
     """After seeding, one learn_one is one core dual step on the one-hot shares of its winner."""
-    model = OnlineConstrainedKMeans(n_clusters=3, max_size_ratio=1.2, init_size=3, seed=0)
+    model = OnlineConstrainedKMeans(n_clusters=3, max_size_ratio=1.2, init_size=3, dual_lr=0.05, seed=0)
     xs = blobs(20)
     for x in xs[:10]:
         model.learn_one(x)
@@ -126,9 +126,7 @@ def test_step_matches_core_dual_update():
     label = model.predict_one(xs[10])
     model.learn_one(xs[10])
     shares = np.eye(3)[label]
-    from streamcoke.core.schedule import default_step_size
-
-    eta = default_step_size(1.0, 10)
+    eta = 0.05
     want_rho, want_mu = dual_step(rho, mu, shares, 0.4 / 3, 1.2 / 3, eta)
     np.testing.assert_allclose(model.duals, want_rho)
     np.testing.assert_allclose(model.upper_duals, want_mu)

@@ -21,13 +21,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
-from ..core.assign import assign, assigned_scores, flat_labels
+from ..core.assign import assign, assigned_scores, flat_labels, head_argmax, winning_scores
 from ..core.centers import cluster_sums, ema_update, running_mean_update
 from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step
 from ..core.init import initial_centers
-from ..core.schedule import default_step_size
-from ..core.similarity import prepare, scores
+from ..core.schedule import GAP_ROWS, constant_plan, default_plan, gap_sums, update_gap
+from ..core.similarity import biased_scores, prepare, row_offset, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -35,7 +35,7 @@ from ._inputs import InputKind, as_features, as_weights
 STATE_KEYS = (
     "centers", "published_centers", "rho", "mu", "epoch_sums", "epoch_counts",
     "last_epoch_counts", "reference_net", "epoch_objective", "epoch_row_max",
-    "epoch_correction", "epoch_weight",
+    "epoch_correction", "epoch_weight", "gap",
 )
 # Plain-number counters saved beside them.
 COUNTER_KEYS = ("n_features_in_", "n_samples_seen_", "n_steps_", "n_epochs_completed_")
@@ -274,6 +274,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             "epoch_row_max": fzeros(len(sizes), dtype=torch.float64),
             "epoch_correction": fzeros(len(sizes), dtype=torch.float64),
             "epoch_weight": fzeros((), dtype=torch.float64),
+            "gap": fzeros(len(sizes), dtype=torch.float64),
         }
         self.n_samples_seen_ = 0
         self.n_steps_ = 0
@@ -288,60 +289,91 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         upper = None if self.max_size_ratio is None else per_k * float(self.max_size_ratio)
         return lower, upper
 
+    def _counts(self, labels: Tensor, w: Tensor | None) -> Tensor:
+        """Weight assigned to every center of every head, float64 of shape (sum(sizes),)."""
+        sizes = self._head_sizes()
+        rows = flat_labels(labels, sizes)
+        weights = None if w is None else w.double().repeat(len(sizes))
+        return torch.bincount(rows, weights=weights, minlength=sum(sizes)).double()
+
     def _step(self, Xp: Tensor, w: Tensor | None) -> Tensor:
         """Assign one prepared batch and fold it into the state; returns (n, n_heads) labels."""
         s = self._state
         sizes = self._head_sizes()
-        n_total = sum(sizes)
-        bias = s["rho"] - s["mu"]
-        labels, best = assign(Xp, s["centers"], bias, sizes, self.metric)
-        rows = flat_labels(labels, sizes)
-        if self.center_update == "none":
-            counts = torch.bincount(rows, weights=None if w is None else w.repeat(len(sizes)).double(),
-                                    minlength=n_total).double()
-            sums = None
-        else:
-            sums, counts = cluster_sums(Xp, rows, w, n_total, len(sizes))
+        H, dev = len(sizes), Xp.device
+        lower, upper = self._share_bounds()
+        rho, mu = s["rho"], s["mu"]
+        bias0 = rho - mu
+        Z = biased_scores(Xp, s["centers"], bias0, self.metric)
+        labels = head_argmax(Z, sizes)
+        counts = self._counts(labels, w)
 
-        # Certificate terms of this batch (per head): achieved objective and dual-bound pieces.
-        gained = assigned_scores(best, labels, bias, sizes).double()
+        # Batch totals and, for the default schedule, the score-gap statistic (summed over ranks).
+        use_default = self.dual_lr is None
+        n_gap_rows = min(GAP_ROWS, Xp.shape[0]) if use_default else 0
+        totals = torch.cat([
+            torch.as_tensor([float(Xp.shape[0]) if w is None else float(w.double().sum()),
+                             float(Xp.shape[0]), float(n_gap_rows)], dtype=torch.float64, device=dev),
+            gap_sums(Z, sizes, n_gap_rows) if use_default else torch.zeros(2 * H, dtype=torch.float64, device=dev),
+        ])
+        totals, counts = distributed.all_reduce_sum(totals, counts)
+        batch_weight, n_rows = float(totals[0]), int(totals[1])
+        gap = s["gap"]
+        if use_default:
+            batch_gap = (totals[3:3 + H] / totals[2]).tolist()
+            floor = (1e-6 * totals[3 + H:] / totals[2]).tolist()  # keeps exact ties breakable
+            gap = [max(update_gap(None if self.n_steps_ == 0 else float(g0), g1, batch_weight), f, 1e-30)
+                   for g0, g1, f in zip(gap.tolist(), batch_gap, floor)]
+            plan = default_plan(gap, sizes, batch_weight, float(self.n_samples_seen_), float(self.min_size_ratio))
+            gap = torch.as_tensor(gap, dtype=torch.float64, device=dev)
+        else:
+            plan = constant_plan(float(self.dual_lr), sizes, batch_weight)
+
+        # Projected dual ascent. A batch holding several quotas of every cluster takes several
+        # smaller steps, re-assigning itself with the updated duals each time (one multiply).
+        bias_used = bias0
+        n_iter = max(plan.n_iter)
+        for it in range(n_iter):
+            if it > 0:
+                bias_used = rho - mu
+                labels = head_argmax(Z + (bias_used - bias0), sizes)
+                counts, = distributed.all_reduce_sum(self._counts(labels, w))
+            step = torch.cat([torch.full((k,), st if it < n else 0.0, device=dev)
+                              for k, st, n in zip(sizes, plan.step, plan.n_iter)])
+            rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
+        if n_iter > 1:
+            Z = Z + (bias_used - bias0)
+        best = winning_scores(Z, labels, sizes, row_offset(Xp, self.metric))
+
+        # Certificate terms of the batch: achieved objective and the pieces of the dual bound.
+        gained = assigned_scores(best, labels, bias_used, sizes).double()
         row_max = best.double()
         if w is not None:
             gained, row_max = gained * w.double().unsqueeze(1), row_max * w.double().unsqueeze(1)
-        local_weight = torch.tensor(float(Xp.shape[0]), dtype=torch.float64, device=Xp.device) \
-            if w is None else w.double().sum()
-        n_rows = torch.full((1,), float(Xp.shape[0]), dtype=torch.float64, device=Xp.device)
-        stats = torch.cat([gained.sum(0), row_max.sum(0), local_weight.reshape(1), n_rows, counts])
-        stats, *rest = distributed.all_reduce_sum(stats, *([] if sums is None else [sums]))
-        H = len(sizes)
-        gained_sum, row_max_sum, batch_weight = stats[:H], stats[H:2 * H], stats[2 * H]
-        n_rows, counts = stats[2 * H + 1], stats[2 * H + 2:]
-        sums = rest[0] if rest else None
+        cert = torch.cat([gained.sum(0), row_max.sum(0)])
+        if self.center_update == "none":
+            cert, = distributed.all_reduce_sum(cert)
+            new = {}
+        else:
+            sums, _ = cluster_sums(Xp, flat_labels(labels, sizes), w, sum(sizes), H)
+            cert, sums = distributed.all_reduce_sum(cert, sums)
+            if self.center_update == "mean":
+                centers, epoch_sums, _ = running_mean_update(
+                    s["centers"], s["epoch_sums"], s["epoch_counts"], sums, counts, self.metric)
+                new = {"centers": centers, "epoch_sums": epoch_sums}
+            else:
+                new = {"centers": ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)}
 
-        # Duals: projected ascent on the global shares of this batch.
-        lower, upper = self._share_bounds()
-        eta = self.dual_lr * batch_weight if self.dual_lr is not None else default_step_size(batch_weight, self.n_steps_)
-        shares = (counts / batch_weight).float()
-        rho, mu = dual_step(s["rho"], s["mu"], shares, lower, upper, eta.float() if isinstance(eta, Tensor) else eta)
-
-        # Centers.
-        new = {}
-        if self.center_update == "mean":
-            new["centers"], new["epoch_sums"], _ = running_mean_update(
-                s["centers"], s["epoch_sums"], s["epoch_counts"], sums, counts, self.metric)
-        elif self.center_update == "ema":
-            new["centers"] = ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)
-
-        correction = streaming_bound_correction(s["reference_net"], bias, sizes).double() * batch_weight
+        correction = streaming_bound_correction(s["reference_net"], bias_used, sizes).double() * batch_weight
         self._state = {
-            **s, **new, "rho": rho, "mu": mu,
+            **s, **new, "rho": rho, "mu": mu, "gap": gap,
             "epoch_counts": s["epoch_counts"] + counts,
-            "epoch_objective": s["epoch_objective"] + gained_sum,
-            "epoch_row_max": s["epoch_row_max"] + row_max_sum,
+            "epoch_objective": s["epoch_objective"] + cert[:H],
+            "epoch_row_max": s["epoch_row_max"] + cert[H:],
             "epoch_correction": s["epoch_correction"] + correction,
             "epoch_weight": s["epoch_weight"] + batch_weight,
         }
-        self.n_samples_seen_ += int(n_rows) if distributed.is_distributed() else int(Xp.shape[0])
+        self.n_samples_seen_ += n_rows
         self.n_steps_ += 1
         return labels
 
@@ -503,7 +535,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             "mu": (n_total,), "epoch_sums": (n_total if self.center_update == "mean" else 0, d),
             "epoch_counts": (n_total,), "last_epoch_counts": (n_total,), "reference_net": (n_total,),
             "epoch_objective": (len(sizes),), "epoch_row_max": (len(sizes),),
-            "epoch_correction": (len(sizes),), "epoch_weight": (),
+            "epoch_correction": (len(sizes),), "epoch_weight": (), "gap": (len(sizes),),
         }
         for k, shape in expected.items():
             got = tuple(tensors[f"state.{k}"].shape)

@@ -48,12 +48,19 @@ def assign(
     best : (n, n_heads) ``max_k (s_ik + bias_k)`` with the true scores ``s`` (for certificates).
     """
     Z = biased_scores(X, centers, bias, metric)
-    labels = torch.stack([row_argmax(Z[:, o : o + k]) for o, k in zip(head_offsets(sizes), sizes)], dim=1)
+    labels = head_argmax(Z, sizes)
+    return labels, winning_scores(Z, labels, sizes, row_offset(X, metric))
+
+
+def head_argmax(Z: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Per-head argmax of a stacked score matrix, shape (n, n_heads), labels counted per head."""
+    return torch.stack([row_argmax(Z[:, o : o + k]) for o, k in zip(head_offsets(sizes), sizes)], dim=1)
+
+
+def winning_scores(Z: Tensor, labels: Tensor, sizes: Sequence[int], offset: Tensor | None = None) -> Tensor:
+    """The entries of ``Z`` at ``labels`` (n, n_heads), plus the per-row ``offset`` if any."""
     best = Z.gather(1, flat_labels(labels, sizes).reshape(len(sizes), -1).T)
-    offset = row_offset(X, metric)
-    if offset is not None:
-        best = best + offset.unsqueeze(1)
-    return labels, best
+    return best if offset is None else best + offset.unsqueeze(1)
 
 
 def row_argmax(Z: Tensor) -> Tensor:

@@ -1,11 +1,112 @@
-"""The default step size of the dual ascent (used when ``dual_lr=None``)."""
+"""The default step size of the dual ascent, chosen to work across batch sizes, cluster counts
+and score scales without tuning.
+
+The duals must grow to the size of the score differences they have to overcome, and the
+assignment's sensitivity to them is set by how close competing centers score. Both are measured
+by one statistic, ``g``: the mean gap between the best and second-best *biased* score
+``s + rho - mu`` of a sample, averaged over about the last ``GAP_WINDOW`` samples. Steps are
+taken in units of ``g``, so the rule is the same for cosine similarities in [-1, 1] and for
+squared distances of any scale.
+
+Per batch of ``b`` samples (``n`` seen before it), for each clustering of ``K`` clusters:
+
+    lr  = g * max(FLOOR_RATE, STARTUP_RATE * K / sqrt(n + b))   # per sample
+    eta = lr * b                                                 # per batch
+
+The start-up term lets the duals of starved clusters reach their level quickly at the start of
+a stream (the total shortfall is roughly ``sum_k rho_k / lr``), then fades to the constant
+floor. A single ascent step larger than ``SINGLE_STEP_CAP * K * g`` over-shoots (a whole batch
+jumps clusters at once), so it is capped; when a batch holds several samples of every cluster's
+quota (``b * min_size_ratio / K >= MIN_QUOTA_FOR_INNER``), the step is instead split into up to
+``MAX_INNER`` smaller ascent steps on the same batch, each re-assigning it with the updated duals
+(the matrix multiply is done once).
+
+Measured on imbalanced mixtures with fixed centers, one pass of ``N >= 100 b`` and
+``N >= 200 K`` samples, K in {10, 100, 1000}, b in {32, ..., 4096}: objective within 1% of
+the exact optimum and total shortfall below 1% of the total minimum (``tests/test_optimality.py``).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Sequence
 
-def default_step_size(batch_weight: float, n_steps: int) -> float:
-    """Step size ``eta`` for the dual update of a batch of total weight ``batch_weight``.
+import torch
+from torch import Tensor
 
-    Provisional rule: a constant per-sample rate, ``eta = 5 / 64`` per sample of the batch.
+GAP_WINDOW = 1024
+FLOOR_RATE = 0.3
+STARTUP_RATE = 0.1
+SINGLE_STEP_CAP = 2.0
+INNER_STEP_CAP = 0.5
+MIN_QUOTA_FOR_INNER = 3.0
+MAX_INNER = 16
+GAP_ROWS = 256  # rows of a batch the gap statistic is measured on
+
+
+@dataclass(frozen=True)
+class DualPlan:
+    """How to move the duals of each clustering on one batch: ``n_iter`` steps of ``step``."""
+
+    step: tuple[float, ...]
+    n_iter: tuple[int, ...]
+
+
+def gap_sums(Z: Tensor, sizes: Sequence[int], rows: int = GAP_ROWS) -> Tensor:
+    """Per head, over the first ``rows`` rows: the summed gap between the best and second-best
+    biased score, then the summed magnitude of the best one (the scale below which a gap is
+    rounding noise). Float64 of shape (2 * n_heads,); divide by the row count for means.
+
+    A head of one cluster has no second best and contributes a gap of 0.
     """
-    return (5.0 / 64.0) * batch_weight
+    sub = Z[:rows]
+    gaps, tops, start = [], [], 0
+    for k in sizes:
+        block = sub[:, start:start + k]
+        if k < 2:
+            top = block.double()
+            gaps.append(torch.zeros((), dtype=torch.float64, device=Z.device))
+        else:
+            top = block.topk(2, dim=1).values.double()
+            gaps.append((top[:, 0] - top[:, 1]).sum())
+        tops.append(top[:, 0].abs().sum())
+        start += k
+    return torch.stack(gaps + tops)
+
+
+def update_gap(previous: float | None, batch_gap: float, batch_weight: float) -> float:
+    """Moving average of the gap over about ``GAP_WINDOW`` samples (the first batch sets it)."""
+    if previous is None or not math.isfinite(previous):
+        return batch_gap
+    w = min(1.0, batch_weight / GAP_WINDOW)
+    return (1.0 - w) * previous + w * batch_gap
+
+
+def default_plan(gaps: Sequence[float], sizes: Sequence[int], batch_weight: float, n_seen: float,
+                 min_size_ratio: float) -> DualPlan:
+    """The default steps for a batch of total weight ``batch_weight`` (see the module docstring)."""
+    steps, iters = [], []
+    for g, k in zip(gaps, sizes):
+        lr = g * max(FLOOR_RATE, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight))
+        eta = lr * batch_weight
+        inner_cap = INNER_STEP_CAP * k * g
+        if batch_weight * min_size_ratio / k >= MIN_QUOTA_FOR_INNER and eta > inner_cap > 0:
+            n_iter = min(MAX_INNER, math.ceil(eta / inner_cap))
+            steps.append(min(eta / n_iter, inner_cap))
+            iters.append(n_iter)
+        else:
+            steps.append(min(eta, SINGLE_STEP_CAP * k * g))
+            iters.append(1)
+    return DualPlan(tuple(steps), tuple(iters))
+
+
+def constant_plan(dual_lr: float, sizes: Sequence[int], batch_weight: float) -> DualPlan:
+    """A user-given constant rate per sample: one step of ``dual_lr * batch_weight``."""
+    return DualPlan(tuple(dual_lr * batch_weight for _ in sizes), tuple(1 for _ in sizes))
+
+
+def default_step_size(batch_weight: float, gap: float, n_clusters: int, n_seen: float) -> float:
+    """The single-step size of the default rule for one clustering (no inner iterations), as
+    used by one-sample-at-a-time learners; ``gap`` is the running score-gap statistic."""
+    return default_plan([gap], [n_clusters], batch_weight, n_seen, 0.0).step[0]
