@@ -28,3 +28,26 @@ def imbalanced_mixture(n_samples: int, n_components: int, n_features: int, *, co
     X = means[y] + spread * rng.normal(size=(n_samples, n_features)) / np.sqrt(n_features)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     return X.astype(np.float32), y.astype(np.int64), means.astype(np.float32)
+
+
+def starved_clusters_problem(n_samples: int, n_clusters: int, n_features: int = 32, *, noise: float = 0.8,
+                             concentration: float = 0.3, random_state=None) -> tuple[np.ndarray, np.ndarray]:
+    """A stream and fixed centers on which unconstrained assignment starves many clusters.
+
+    Half of the ``n_clusters`` centers are the means of an imbalanced mixture (weights drawn from
+    Dirichlet(``concentration``)) that generates the stream; the other half are random unit
+    vectors far from most of the data. Returns ``(X, centers)``, both L2-normalised rows, the
+    centers in random order. Used to hold the online constrained assignment to the exact optimum.
+    """
+    rng = np.random.default_rng(random_state)
+    n_components = max(1, n_clusters // 2)
+    means = rng.normal(size=(n_components, n_features))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    weights = rng.dirichlet(np.full(n_components, concentration))
+    z = rng.choice(n_components, size=n_samples, p=weights)
+    X = means[z] + noise * rng.normal(size=(n_samples, n_features)) / np.sqrt(n_features)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    extra = rng.normal(size=(n_clusters - n_components, n_features))
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    centers = np.concatenate([means, extra])[rng.permutation(n_clusters)]
+    return X.astype(np.float32), centers.astype(np.float32)

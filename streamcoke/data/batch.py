@@ -1,0 +1,174 @@
+"""What every source shares: the batch it yields, the error it raises, the error handlers.
+
+A source yields :class:`Batch` objects: host-side ids (they only travel on to a label sink)
+and a float32 feature tensor already on the clusterer's device. Bad input becomes a
+:class:`DataError` that names the file and the sample key, and goes through one ``handler``
+argument, as in webdataset: the handler raises it, or returns to skip the sample and go on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class Batch(NamedTuple):
+    """One mini-batch: ``ids`` (host array or list, one per row) and ``features`` (n, d) on the device."""
+
+    ids: Any
+    features: Tensor
+
+
+class DataError(ValueError):
+    """Bad input: ``source`` is the file (or URL) and ``key`` the sample, when known."""
+
+    def __init__(self, message: str, *, source: Any = None, key: Any = None):
+        where = ", ".join(p for p in (f"in {source}" if source is not None else "",
+                                      f"sample {key!r}" if key is not None else "") if p)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.source, self.key = source, key
+
+
+def raise_errors(exc: BaseException) -> bool:
+    """Default handler: stop at the first bad sample with its error."""
+    raise exc
+
+
+class SkipErrors:
+    """Handler that skips bad samples (or files) and counts them.
+
+    Examples
+    --------
+    >>> h = SkipErrors()
+    >>> h(DataError("bad row", source="a.parquet", key=7))
+    True
+    >>> h.count, h.first
+    (1, 'bad row (in a.parquet, sample 7)')
+    """
+
+    def __init__(self, count: int = 0):
+        self.count = count
+        self.first: str | None = None
+        self._lock = threading.Lock()  # a prefetch thread and the caller may both report
+
+    def __call__(self, exc: BaseException, n: int = 1) -> bool:
+        with self._lock:
+            self.count += n
+            if self.first is None:
+                self.first = str(exc)
+        return True
+
+
+def report(handler: Callable, exc: BaseException, n: int = 1) -> None:
+    """Pass ``exc`` to ``handler``; ``n`` is how many samples it spoils (a whole file, say)."""
+    if isinstance(handler, SkipErrors):
+        handler(exc, n)
+    else:
+        handler(exc)
+
+
+def finite_rows(X: np.ndarray, ids, source, handler: Callable) -> np.ndarray | None:
+    """Boolean mask of rows to keep, after reporting every row with NaN or infinity.
+
+    Returns None when all rows are finite (the common case costs one pass, no copy).
+    """
+    ok = np.isfinite(X).all(axis=1) if X.size else np.ones(len(X), bool)
+    if ok.all():
+        return None
+    for i in np.flatnonzero(~ok):
+        report(handler, DataError("feature vector contains NaN or infinity", source=source, key=item(ids[i])))
+    return ok
+
+
+def item(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def rebatch(chunks: Iterable[tuple[Any, np.ndarray]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Cut a stream of ``(ids, rows)`` chunks of any length into chunks of exactly ``batch_size``
+    rows (the last one may be shorter), so batches do not depend on how the input was stored."""
+    ids_buf: list[np.ndarray] = []
+    x_buf: list[np.ndarray] = []
+    held = 0
+    for ids, X in chunks:
+        ids = np.asarray(ids)
+        while len(X):
+            take = min(batch_size - held, len(X))
+            ids_buf.append(ids[:take])
+            x_buf.append(X[:take])
+            held += take
+            ids, X = ids[take:], X[take:]
+            if held == batch_size:
+                yield _join(ids_buf, x_buf)
+                ids_buf, x_buf, held = [], [], 0
+    if held:
+        yield _join(ids_buf, x_buf)
+
+
+def _join(ids_buf, x_buf):
+    if len(x_buf) == 1:
+        return ids_buf[0], x_buf[0]
+    return np.concatenate(ids_buf), np.concatenate(x_buf)
+
+
+def to_device(X: np.ndarray, device) -> Tensor:
+    """float32 tensor on ``device``; host memory is pinned first for an asynchronous GPU copy."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if not X.flags.writeable:  # Arrow buffers and read-only maps: torch wants its own memory
+        X = X.copy()
+    t = torch.from_numpy(X)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def prefetch(batches: Iterable, depth: int = 4) -> Iterator:
+    """Iterate ``batches`` in a background thread, ``depth`` items ahead, in the same order.
+
+    Reading and decoding (pyarrow, numpy, zlib and file reads release the GIL) then overlaps
+    with the clustering step. An error in the thread is raised in the caller at the position
+    it happened.
+
+    Examples
+    --------
+    >>> list(prefetch(iter(range(5)), depth=2))
+    [0, 1, 2, 3, 4]
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((done, exc))
+
+    thread = threading.Thread(target=work, name="streamcoke-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,0 +1,171 @@
+"""Mini-batches from Parquet (or Arrow IPC) datasets of embeddings, read as record batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from .batch import Batch, DataError, finite_rows, item, raise_errors, rebatch, report, to_device
+
+
+class ParquetSource:
+    """Stream an embedding column and an id column of a ``pyarrow.dataset`` in mini-batches.
+
+    The files are read one record batch at a time, never as a whole table, in a fixed order
+    (files sorted by path, rows in file order), so every pass yields the same batches. The
+    embedding column may be a fixed-size list of floats, a ``fixed_shape_tensor`` of one
+    dimension, or a variable list whose rows all have ``n_features`` values.
+
+    Parameters
+    ----------
+    path : str, path, or list of them
+        A Parquet file, a directory of them (searched recursively), or a list of files.
+    feature_column : str, default="embedding"
+    id_column : str or None, default="id"
+        None numbers the rows instead (0, 1, ... across files, in order).
+    batch_size : int, default=1024
+    device : str or torch.device, default="cpu"
+    format : {"parquet", "arrow", "feather", "ipc"}, default="parquet"
+    handler : callable, default=raise_errors
+        Receives a :class:`DataError` for a file with a wrong column type or width (its rows
+        are counted as skipped), and for a row of the wrong length or with NaN or infinity.
+
+    Examples
+    --------
+    >>> import numpy as np, pyarrow as pa, pyarrow.parquet as pq, tempfile, os
+    >>> X = np.eye(3, dtype=np.float32)
+    >>> emb = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), 3)
+    >>> path = os.path.join(tempfile.mkdtemp(), "emb.parquet")
+    >>> pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": emb}), path)
+    >>> [(b.ids.tolist(), tuple(b.features.shape)) for b in ParquetSource(path, batch_size=2)]
+    [(['a', 'b'], (2, 3)), (['c'], (1, 3))]
+    """
+
+    def __init__(self, path, feature_column: str = "embedding", id_column: str | None = "id",
+                 batch_size: int = 1024, device="cpu", *, format: str = "parquet",
+                 n_features: int | None = None, handler: Callable = raise_errors):
+        paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path)
+        try:
+            self.dataset = ds.dataset(paths, format=format)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"cannot open dataset: {exc}", source=path) from None
+        self.fragments = sorted(self.dataset.get_fragments(), key=lambda f: f.path)
+        if not self.fragments:
+            raise DataError("no data files found", source=path)
+        self.feature_column, self.id_column = feature_column, id_column
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.handler = handler
+        self._n_features = n_features
+
+    @property
+    def n_features(self) -> int:
+        """Width of the embeddings (from the first file's schema, or the first row)."""
+        if self._n_features is None:
+            for frag in self.fragments:
+                try:
+                    self._n_features = self._width(frag)
+                except DataError:
+                    continue
+                if self._n_features is not None:
+                    break
+        return self._n_features
+
+    def __len__(self) -> int:
+        """Rows per epoch, from the files' metadata."""
+        return sum(f.count_rows() for f in self.fragments)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """The batches of one pass (the same every epoch: the order is the files')."""
+        for ids, X in rebatch(self._chunks(), self.batch_size):
+            yield Batch(ids, to_device(X, self.device))
+
+    # ------------------------------------------------------------------------------ reading
+    def _width(self, frag) -> int | None:
+        """Embedding width from a file's schema; None for variable lists (checked per row)."""
+        schema = frag.physical_schema
+        for name in (self.feature_column, self.id_column):
+            if name is not None and schema.get_field_index(name) < 0:
+                raise DataError(f"missing column {name!r} (columns: {', '.join(schema.names)})",
+                                source=frag.path)
+        t = schema.field(self.feature_column).type
+        if isinstance(t, pa.FixedShapeTensorType):
+            if len(t.shape) != 1:
+                raise DataError(f"column {self.feature_column!r} holds tensors of shape {t.shape}, "
+                                "expected one dimension", source=frag.path)
+            t = t.storage_type
+        if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+            v = t.value_type
+            if pa.types.is_floating(v) or pa.types.is_integer(v):
+                return t.list_size if pa.types.is_fixed_size_list(t) else None
+        raise DataError(f"column {self.feature_column!r} has type {t}, expected a list of floats "
+                        "(fixed_size_list<float>[d], fixed_shape_tensor or list<float>)", source=frag.path)
+
+    def _chunks(self):
+        row = 0
+        for frag in self.fragments:
+            try:
+                width = self._width(frag)
+                if width is not None and self.n_features is not None and width != self.n_features:
+                    raise DataError(f"embeddings have {width} values, expected {self.n_features}",
+                                    source=frag.path)
+                columns = [self.feature_column] + ([self.id_column] if self.id_column else [])
+                # Little read-ahead: memory stays flat however large the file (the prefetch thread
+                # already overlaps reading with clustering).
+                batches = frag.to_batches(columns=columns, batch_size=max(self.batch_size, 4096),
+                                          batch_readahead=2, fragment_readahead=1)
+            except DataError as exc:
+                report(self.handler, exc, n=frag.count_rows())
+                row += frag.count_rows()
+                continue
+            for rb in batches:
+                ids = rb.column(self.id_column).to_numpy(zero_copy_only=False) if self.id_column \
+                    else np.arange(row, row + rb.num_rows)
+                row += rb.num_rows
+                X, ids = self._matrix(rb.column(self.feature_column), ids, frag.path)
+                if len(X):
+                    yield ids, X
+
+    def _matrix(self, col: pa.Array, ids: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) numpy view of an embedding column; drops (and reports) rows that do not fit."""
+        if isinstance(col, pa.ExtensionArray):
+            col = col.storage
+        d = self.n_features
+        keep = np.ones(len(col), bool)
+        if col.null_count:
+            for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
+                report(self.handler, DataError("embedding is null", source=path, key=item(ids[i])))
+            keep &= col.is_valid().to_numpy(zero_copy_only=False)
+        if pa.types.is_fixed_size_list(col.type):
+            values = col.flatten().to_numpy(zero_copy_only=False)  # flatten() leaves out null rows
+            if col.null_count:
+                X = np.zeros((len(col), d), values.dtype)
+                X[keep] = values.reshape(-1, d)
+            else:
+                X = values.reshape(-1, d)
+        else:
+            lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+            if d is None and keep.any():  # variable lists: the first row sets the width
+                d = self._n_features = int(lengths[np.argmax(keep)])
+            bad = keep & (lengths != d)
+            for i in np.flatnonzero(bad):
+                report(self.handler, DataError(f"embedding has {lengths[i]} values, expected {d}",
+                                               source=path, key=item(ids[i])))
+            keep &= ~bad
+            col = col.filter(pa.array(keep))
+            ids = ids[keep]
+            keep = np.ones(len(col), bool)
+            X = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        if not keep.all():
+            X, ids = X[keep], ids[keep]
+        ok = finite_rows(X, ids, path, self.handler)
+        if ok is not None:
+            X, ids = X[ok], ids[ok]
+        return X, ids
+

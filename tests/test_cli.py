@@ -1,0 +1,120 @@
+"""`streamcoke cluster` and `streamcoke shards`, run in-process through ``main``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from streamcoke import MultiOnlineConstrainedKMeans, OnlineConstrainedKMeans
+from streamcoke.cli import main
+from streamcoke.datasets import imbalanced_mixture
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    X, _, _ = imbalanced_mixture(3000, 12, 16, random_state=0)
+    np.save(d / "x.npy", X)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), 16)
+    pq.write_table(pa.table({"id": np.arange(len(X)), "embedding": emb}), d / "x.parquet", row_group_size=500)
+    return d, X
+
+
+def run(capsys, *argv):
+    assert main(["cluster", "--quiet", *map(str, argv)]) == 0
+    return capsys.readouterr().out
+
+
+def test_digits_main_job(capsys):
+    start = time.perf_counter()
+    out = run(capsys)
+    assert time.perf_counter() - start < 15
+    lines = out.splitlines()
+    assert lines[0].startswith("clustered 1797 samples x 5 epochs into 10 clusters")
+    assert lines[1].startswith("cluster sizes (last epoch): min ")
+    assert lines[2].startswith("duality gap of the last epoch: ")
+    assert lines[3].startswith("digits (1797 images, 10 classes): ACC ") and "NMI" in lines[3] and "ARI" in lines[3]
+
+
+def test_parquet_labels_and_similarity(capsys, data, tmp_path):
+    d, X = data
+    out = run(capsys, d / "x.parquet", "--n-clusters", 12, "--batch-size", 128, "--epochs", 2,
+              "--out", tmp_path / "l.parquet", "--save", tmp_path / "m.st")
+    assert "labels written to" in out
+    t = pq.read_table(tmp_path / "l.parquet").to_pydict()
+    assert t["id"] == list(range(3000)) and set(t["epoch"]) == {1}
+    km = OnlineConstrainedKMeans.load(tmp_path / "m.st")
+    assert km.n_samples_seen_ == 6000 and not (tmp_path / "l.parquet.ckpt").exists()
+    # The last batch was scored against the centers after its own step: the final centers.
+    last = slice(3000 - 3000 % 128, 3000)
+    S = km.transform(torch.from_numpy(X[last]))
+    expect = S[torch.arange(S.shape[0]), torch.tensor(t["label"][last])]
+    np.testing.assert_allclose(t["similarity"][last], expect.numpy(), atol=1e-5)
+
+
+def test_npy_and_parquet_give_the_same_labels(capsys, data, tmp_path):
+    d, _ = data
+    for name in ("x.npy", "x.parquet"):
+        run(capsys, d / name, "--n-clusters", 12, "--batch-size", 200, "--epochs", 2, "--out", tmp_path / f"{name}.pq")
+    a, b = (pq.read_table(tmp_path / f"{n}.pq").column("label").to_pylist() for n in ("x.npy", "x.parquet"))
+    assert a == b
+
+
+def test_resume_gives_the_same_labels(capsys, data, tmp_path, monkeypatch):
+    d, _ = data
+    args = [d / "x.parquet", "--n-clusters", 12, "--batch-size", 100, "--epochs", 3, "--all-epochs",
+            "--checkpoint-every", 7, "--save", tmp_path / "m.st"]
+    run(capsys, *args, "--out", tmp_path / "full.parquet")
+
+    real, calls = OnlineConstrainedKMeans.partial_fit, [0]
+
+    def dies(self, X, *a, **k):
+        calls[0] += 1
+        if calls[0] == 50:  # epoch 1, batch 20: after the checkpoint at batch 14 of that epoch
+            raise KeyboardInterrupt
+        return real(self, X, *a, **k)
+
+    monkeypatch.setattr(OnlineConstrainedKMeans, "partial_fit", dies)
+    out = tmp_path / "part.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, *args, "--out", out)
+    assert not out.exists() and (tmp_path / "part.parquet.ckpt").exists()
+    monkeypatch.setattr(OnlineConstrainedKMeans, "partial_fit", real)
+    with pytest.raises(SystemExit, match="different options.*batch_size"):
+        run(capsys, *args[:3], "--batch-size", 50, *args[5:], "--out", out, "--resume")
+    run(capsys, *args, "--out", out, "--resume")
+    full, part = pq.read_table(tmp_path / "full.parquet"), pq.read_table(out)
+    assert part.num_rows == 9000 and part.to_pydict() == full.to_pydict()
+    assert not (tmp_path / "part.parquet.ckpt").exists()
+
+
+def test_several_clusterings(capsys, data, tmp_path):
+    d, _ = data
+    run(capsys, d / "x.npy", "--n-clusters", 4, 9, "--batch-size", 256, "--epochs", 1,
+        "--out", tmp_path / "l.parquet", "--save", tmp_path / "m.st")
+    t = pq.read_table(tmp_path / "l.parquet")
+    assert t.schema.names == ["id", "label_0", "label_1", "similarity_0", "similarity_1", "epoch"]
+    assert max(t.column("label_0").to_pylist()) < 4 and max(t.column("label_1").to_pylist()) == 8
+    assert MultiOnlineConstrainedKMeans.load(tmp_path / "m.st").n_clusters == (4, 9)
+
+
+def test_shards_bad_input_and_skip(capsys, data, tmp_path):
+    d, X = data
+    assert main(["shards", str(d / "x.npy"), "--prefix", str(tmp_path / "sh" / "x"), "--maxcount", "1000"]) == 0
+    pattern = capsys.readouterr().out.strip()
+    assert pattern.endswith("x-{000000..000002}.tar")
+    bad = tmp_path / "sh" / "x-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:200_000])
+    with pytest.raises(SystemExit, match="x-000001.tar"):
+        run(capsys, pattern, "--n-clusters", 12, "--epochs", 1, "--out", tmp_path / "l.parquet")
+    assert not (tmp_path / "l.parquet").exists()
+    out = run(capsys, pattern, "--n-clusters", 12, "--epochs", 1, "--out", tmp_path / "l.parquet",
+              "--on-error", "skip")
+    assert "skipped 1 bad samples" in out
+    ids = pq.read_table(tmp_path / "l.parquet").column("id").to_pylist()
+    assert ids[:1000] == [f"{i:09d}" for i in range(1000)] and ids[-1000:] == [f"{i:09d}" for i in range(2000, 3000)]

@@ -1,0 +1,88 @@
+"""The Parquet label sink: streamed row groups, published only when complete, resumable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from streamcoke.io.labels import ParquetLabelSink
+
+
+def batch(start, n, heads=1):
+    ids = np.arange(start, start + n)
+    labels = np.stack([(ids * (h + 3)) % 7 for h in range(heads)], 1)
+    sim = np.stack([ids / 1000 + h for h in range(heads)], 1).astype(np.float32)
+    return ids, labels, sim
+
+
+def test_rows_row_groups_and_publish_at_close(tmp_path):
+    path = tmp_path / "labels.parquet"
+    sink = ParquetLabelSink(path, row_group_size=100)
+    for s in range(0, 350, 50):
+        sink.write(*batch(s, 50), epoch=2)
+    assert not path.exists()  # two row groups are on disk, but not under the final name
+    assert [p.name for p in tmp_path.iterdir()] == [".labels.parquet.parts"]
+    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.parquet"]
+    f = pq.ParquetFile(path)
+    assert f.num_row_groups == 4 and f.metadata.num_rows == 350
+    t = f.read().to_pydict()
+    ids, labels, sim = batch(0, 350)
+    assert t["id"] == ids.tolist() and t["label"] == labels[:, 0].tolist() and set(t["epoch"]) == {2}
+    np.testing.assert_allclose(t["similarity"], sim[:, 0])
+
+
+def test_several_clusterings_and_tensors(tmp_path):
+    path = tmp_path / "l.parquet"
+    with ParquetLabelSink(path, n_clusterings=3, metadata={"n_clusters": [5, 6, 7]}) as sink:
+        ids, labels, sim = batch(0, 20, heads=3)
+        sink.write([f"k{i}" for i in ids], torch.from_numpy(labels), torch.from_numpy(sim), epoch=0)
+    t = pq.read_table(path)
+    assert t.schema.names == ["id", "label_0", "label_1", "label_2", "similarity_0", "similarity_1",
+                              "similarity_2", "epoch"]
+    assert t.column("label_2").to_pylist() == labels[:, 2].tolist()
+    assert t.schema.metadata[b"streamcoke.n_clusters"] == b"[5, 6, 7]"
+
+
+def test_error_leaves_nothing(tmp_path):
+    path = tmp_path / "l.parquet"
+    with pytest.raises(RuntimeError):
+        with ParquetLabelSink(path, row_group_size=10) as sink:
+            sink.write(*batch(0, 30), epoch=0)
+            sink.checkpoint()
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_after_sealed_parts(tmp_path):
+    path = tmp_path / "l.parquet"
+    sink = ParquetLabelSink(path, row_group_size=16)
+    sink.write(*batch(0, 40), epoch=0)
+    parts = sink.checkpoint()
+    sink.write(*batch(40, 40), epoch=0)  # lost: written after the last checkpoint
+    sink.checkpoint()
+    sink.write(*batch(80, 5), epoch=0)
+    sink.abort(keep_parts=True)  # the process dies
+    assert not path.exists()
+
+    sink = ParquetLabelSink(path, row_group_size=16, resume_parts=parts)
+    sink.write(*batch(40, 60), epoch=0)
+    sink.close()
+    assert pq.read_table(path).column("id").to_pylist() == list(range(100))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.parquet"]
+
+
+def test_resume_with_missing_parts_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sealed parts are missing"):
+        ParquetLabelSink(tmp_path / "l.parquet", resume_parts=2)
+
+
+def test_mismatched_lengths_and_empty_sink(tmp_path):
+    sink = ParquetLabelSink(tmp_path / "l.parquet")
+    with pytest.raises(ValueError, match="3 ids but 2 labels"):
+        sink.write([1, 2, 3], np.zeros(2), np.zeros(3), epoch=0)
+    sink.close()
+    t = pq.read_table(tmp_path / "l.parquet")
+    assert t.num_rows == 0 and t.schema.names == ["id", "label", "similarity", "epoch"]

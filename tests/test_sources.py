@@ -1,0 +1,265 @@
+"""Sources: arrays, Parquet datasets, WebDataset shards (made by the converter) and images."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+
+from streamcoke.data import (ArraySource, DataError, ParquetSource, SkipErrors, WebDatasetSource, input_kind,
+                             open_source, prefetch)
+from streamcoke.io.shards import write_array_shards, write_image_folder_shards
+
+
+@pytest.fixture
+def X():
+    return np.random.default_rng(0).normal(size=(103, 8)).astype(np.float32)
+
+
+def collect(source, epoch=0):
+    ids, feats = [], []
+    for b in source.epoch(epoch):
+        assert b.features.dtype == torch.float32 and b.features.device.type == "cpu"
+        ids.extend(np.asarray(b.ids).tolist())
+        feats.append(b.features.numpy())
+    return ids, np.concatenate(feats)
+
+
+def fixed_list(X):
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), X.shape[1])
+
+
+# ------------------------------------------------------------------------------------ arrays
+def test_array_source_memmap_in_order(tmp_path, X):
+    np.save(tmp_path / "a.npy", X[:50])
+    np.save(tmp_path / "b.npy", X[50:])
+    src = ArraySource([tmp_path / "a.npy", tmp_path / "b.npy"], batch_size=16)
+    ids, F = collect(src)
+    assert ids == list(range(103))
+    np.testing.assert_array_equal(F, X)
+    assert [len(b.ids) for b in src][:-1] == [16] * 6
+
+
+def test_array_source_shuffle_is_seeded_per_epoch(X):
+    src = ArraySource(X, batch_size=10, shuffle=True, seed=3)
+    a0, F0 = collect(src, 0)
+    assert a0 == collect(src, 0)[0]
+    assert a0 != collect(src, 1)[0] and sorted(a0) == list(range(103))
+    np.testing.assert_array_equal(F0, X[a0])
+
+
+def test_array_source_bad_row_names_the_row(X):
+    X = X.copy()
+    X[37, 2] = np.nan
+    with pytest.raises(DataError, match="sample 37"):
+        collect(ArraySource(X, batch_size=16))
+    h = SkipErrors()
+    ids, _ = collect(ArraySource(X, batch_size=16, handler=h))
+    assert h.count == 1 and 37 not in ids and len(ids) == 102
+
+
+# ----------------------------------------------------------------------------------- parquet
+def test_parquet_batches_do_not_depend_on_file_layout(tmp_path, X):
+    ids = [f"s{i}" for i in range(len(X))]
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"id": ids[:40], "embedding": fixed_list(X[:40])}), tmp_path / "d" / "0.parquet",
+                   row_group_size=7)
+    pq.write_table(pa.table({"id": ids[40:], "embedding": pa.array(X[40:].astype(np.float64).tolist())}),
+                   tmp_path / "d" / "1.parquet", row_group_size=11)
+    src = ParquetSource(tmp_path / "d", batch_size=16)
+    assert len(src) == 103 and src.n_features == 8
+    got_ids, F = collect(src)
+    assert got_ids == ids
+    np.testing.assert_allclose(F, X, rtol=1e-6)
+    assert [len(b.ids) for b in src] == [16] * 6 + [7]
+
+
+def test_parquet_tensor_column_and_row_numbers(tmp_path, X):
+    arr = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), [8]), fixed_list(X))
+    pq.write_table(pa.table({"embedding": arr}), tmp_path / "t.parquet")
+    ids, F = collect(ParquetSource(tmp_path / "t.parquet", id_column=None, batch_size=32))
+    assert ids == list(range(103))
+    np.testing.assert_array_equal(F, X)
+
+
+def test_parquet_wrong_type_names_the_file(tmp_path, X):
+    pq.write_table(pa.table({"id": np.arange(103), "embedding": fixed_list(X)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": np.arange(5), "embedding": pa.array(["x"] * 5)}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet.*|.*b\.parquet"):
+        collect(ParquetSource(tmp_path, batch_size=16))
+    h = SkipErrors()
+    ids, _ = collect(ParquetSource(tmp_path, batch_size=16, handler=h))
+    assert len(ids) == 103 and h.count == 5
+
+
+def test_parquet_wrong_width_file_and_row(tmp_path, X):
+    pq.write_table(pa.table({"id": np.arange(103), "embedding": fixed_list(X)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": [1000, 1001], "embedding": fixed_list(np.ones((2, 5), np.float32))}),
+                   tmp_path / "b.parquet")
+    with pytest.raises(DataError, match="5 values, expected 8.*b.parquet"):
+        collect(ParquetSource(tmp_path, batch_size=16))
+    rows = X[:3].tolist()
+    rows[1] = rows[1][:7]
+    pq.write_table(pa.table({"id": [7, 8, 9], "embedding": pa.array(rows)}), tmp_path / "v.parquet")
+    with pytest.raises(DataError, match="7 values, expected 8.*sample 8"):
+        collect(ParquetSource(tmp_path / "v.parquet", batch_size=2))
+
+
+def test_parquet_missing_column(tmp_path, X):
+    pq.write_table(pa.table({"key": np.arange(103), "embedding": fixed_list(X)}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="missing column 'id'.*a.parquet"):
+        collect(ParquetSource(tmp_path / "a.parquet"))
+
+
+# ------------------------------------------------------------------------------- webdataset
+def test_array_shards_round_trip(tmp_path, X):
+    pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=30)
+    assert pattern.endswith("f-{000000..000003}.tar")
+    assert sorted(os.listdir(tmp_path)) == [f"f-{i:06d}.tar" for i in range(4)]
+    keys, F = collect(WebDatasetSource(pattern, batch_size=16))
+    assert keys == [f"{i:09d}" for i in range(103)]
+    np.testing.assert_array_equal(F, X)
+    idx = [int(s["idx"]) for s in wds.WebDataset(pattern, shardshuffle=False)]
+    assert idx == list(range(103))
+
+
+def test_shuffle_buffer_seeded_by_epoch(tmp_path, X):
+    pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=30)
+    src = WebDatasetSource(pattern, batch_size=16, shuffle=50, seed=1)
+    k0, F0 = collect(src, 0)
+    assert k0 == collect(src, 0)[0] != collect(src, 1)[0]
+    assert sorted(k0) == [f"{i:09d}" for i in range(103)] and k0 != sorted(k0)
+    np.testing.assert_array_equal(F0, X[[int(k) for k in k0]])
+
+
+def _write(path, samples):
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def test_pth_and_safetensors_fields(tmp_path, X):
+    from safetensors.numpy import save
+
+    def pth(a):
+        buf = io.BytesIO()
+        torch.save(torch.from_numpy(a), buf)
+        return buf.getvalue()
+
+    _write(tmp_path / "p.tar", [{"__key__": f"k{i}", "pth": pth(X[i])} for i in range(5)])
+    _write(tmp_path / "s.tar", [{"__key__": f"k{i}", "safetensors": save({"emb": X[i]})} for i in range(5)])
+    for name, field in (("p.tar", "pth"), ("s.tar", "safetensors")):
+        keys, F = collect(WebDatasetSource(str(tmp_path / name), field=field, batch_size=4))
+        assert keys == [f"k{i}" for i in range(5)]
+        np.testing.assert_array_equal(F, X[:5])
+
+
+class Evil:
+    """Unpickles to a valid tensor by calling a function: only a full unpickler would run it."""
+
+    def __reduce__(self):
+        return (torch.full, ((8,), 1.0))
+
+
+def test_pth_is_not_unpickled(tmp_path):
+    buf = io.BytesIO()
+    torch.save(Evil(), buf)
+    assert torch.load(io.BytesIO(buf.getvalue()), weights_only=False).shape == (8,)
+    _write(tmp_path / "e.tar", [{"__key__": "bad", "pth": buf.getvalue()}])
+    with pytest.raises(DataError, match="e.tar.*sample 'bad'"):
+        collect(WebDatasetSource(str(tmp_path / "e.tar"), field="pth"))
+
+
+def test_truncated_shard_missing_field_wrong_size(tmp_path, X):
+    pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=40)  # 40 + 40 + 23
+    data = (tmp_path / "f-000001.tar").read_bytes()
+    (tmp_path / "f-000001.tar").write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(DataError, match="f-000001.tar"):
+        collect(WebDatasetSource(pattern, batch_size=16))
+    h = SkipErrors()
+    keys, _ = collect(WebDatasetSource(pattern, batch_size=16, handler=h))
+    assert h.count == 1 and keys[:40] == [f"{i:09d}" for i in range(40)] and keys[-23:] == \
+        [f"{i:09d}" for i in range(80, 103)]
+
+    samples = [{"__key__": f"k{i}", "npy": X[i]} for i in range(6)]
+    samples[2] = {"__key__": "k2", "cls": 1}
+    samples[4] = {"__key__": "k4", "npy": X[4, :5]}
+    _write(tmp_path / "m.tar", samples)
+    with pytest.raises(DataError, match="missing field 'npy'.*m.tar.*sample 'k2'"):
+        collect(WebDatasetSource(str(tmp_path / "m.tar")))
+    h = SkipErrors()
+    keys, _ = collect(WebDatasetSource(str(tmp_path / "m.tar"), handler=h))
+    assert keys == ["k0", "k1", "k3", "k5"] and h.count == 2
+
+    def skip_missing_only(exc):
+        if "missing field" not in str(exc):
+            raise exc
+
+    with pytest.raises(DataError, match=r"shape \(5,\), expected \(8,\).*sample 'k4'"):
+        collect(WebDatasetSource(str(tmp_path / "m.tar"), handler=skip_missing_only))
+
+
+def test_split_by_node_and_worker_are_disjoint(tmp_path, X, monkeypatch):
+    pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=10)  # 11 shards
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        keys, _ = collect(WebDatasetSource(pattern, batch_size=8))
+        seen.append(set(keys))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 103
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    keys, F = collect(WebDatasetSource(pattern, batch_size=8, num_workers=2))
+    assert sorted(keys) == [f"{i:09d}" for i in range(103)] and len(keys) == 103
+    np.testing.assert_array_equal(F, X[[int(k) for k in keys]])
+
+
+def test_image_folder_shards_and_encoder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("b_dog", "a_cat"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"x.{i}.jpg")
+    pattern = write_image_folder_shards(tmp_path / "img", str(tmp_path / "sh" / "train"), maxcount=4)
+    assert pattern.endswith("train-{000000..000002}.tar")
+    samples = list(wds.WebDataset(pattern, shardshuffle=False))
+    assert [s["__key__"] for s in samples][:2] == ["a_cat/x_0", "a_cat/x_1"]
+    assert [int(s["cls"]) for s in samples] == [0] * 5 + [1] * 5
+    assert [int(s["idx"]) for s in samples] == list(range(10))
+    assert samples[0]["jpg"] == (tmp_path / "img" / "a_cat" / "x.0.jpg").read_bytes()  # not re-encoded
+    encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="encoder"):
+        WebDatasetSource(pattern, field="jpg")
+    keys, F = collect(WebDatasetSource(pattern, field="jpg", encoder=encoder, batch_size=4))
+    assert len(keys) == 10 and F.shape == (10, 12) and 0 <= F.min() and F.max() <= 1
+
+
+def test_input_kind_and_open_source(tmp_path, X):
+    assert input_kind("a/b-{0000..0009}.tar") == "webdataset"
+    assert input_kind(tmp_path) == "parquet"
+    with pytest.raises(ValueError, match="cannot tell"):
+        input_kind("x.csv")
+    np.save(tmp_path / "x.npy", X)
+    src = open_source([tmp_path / "x.npy"], batch_size=50, field="npy", feature_column="e")
+    assert isinstance(src, ArraySource) and len(list(src)) == 3
+
+
+def test_prefetch_keeps_order_and_raises_in_place():
+    def gen():
+        yield from range(3)
+        raise DataError("boom", source="f", key=3)
+
+    out = []
+    with pytest.raises(DataError, match="boom"):
+        for v in prefetch(gen(), depth=1):
+            out.append(v)
+    assert out == [0, 1, 2]
