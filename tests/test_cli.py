@@ -57,12 +57,25 @@ def test_parquet_labels_and_similarity(capsys, data, tmp_path):
     np.testing.assert_allclose(t["similarity"][last], expect.numpy(), atol=1e-5)
 
 
-def test_npy_and_parquet_give_the_same_labels(capsys, data, tmp_path):
+def test_npy_parquet_and_block_shards_give_the_same_labels(capsys, data, tmp_path):
     d, _ = data
-    for name in ("x.npy", "x.parquet"):
-        run(capsys, d / name, "--n-clusters", 12, "--batch-size", 200, "--epochs", 2, "--out", tmp_path / f"{name}.pq")
-    a, b = (pq.read_table(tmp_path / f"{n}.pq").column("label").to_pylist() for n in ("x.npy", "x.parquet"))
-    assert a == b
+    assert main(["shards", str(d / "x.npy"), "--prefix", str(tmp_path / "sh" / "b"), "--maxcount", "1000",
+                 "--rows-per-sample", "64"]) == 0
+    pattern = capsys.readouterr().out.strip()
+    assert pattern.endswith("b-{000000..000002}.tar")  # 1000 rows a shard: 16 blocks of 64
+    inputs = {"npy": d / "x.npy", "parquet": d / "x.parquet", "blocks": pattern}
+    for name, path in inputs.items():
+        out = run(capsys, path, "--n-clusters", 12, "--batch-size", 200, "--epochs", 2, "--out", tmp_path / f"{name}.pq")
+        assert "samples/s after the first batch)" in out.splitlines()[0]
+    tables = {n: pq.read_table(tmp_path / f"{n}.pq").to_pydict() for n in inputs}
+    assert tables["npy"]["label"] == tables["parquet"]["label"] == tables["blocks"]["label"]
+    assert tables["blocks"]["id"] == list(range(3000))  # block ids are the row numbers
+
+
+def test_shards_rows_per_sample_checks(data, tmp_path):
+    d, _ = data
+    with pytest.raises(SystemExit, match="at least 1"):
+        main(["shards", str(d / "x.npy"), "--prefix", str(tmp_path / "b"), "--rows-per-sample", "0"])
 
 
 def test_resume_gives_the_same_labels(capsys, data, tmp_path, monkeypatch):

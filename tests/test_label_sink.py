@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -86,3 +89,47 @@ def test_mismatched_lengths_and_empty_sink(tmp_path):
     sink.close()
     t = pq.read_table(tmp_path / "l.parquet")
     assert t.num_rows == 0 and t.schema.names == ["id", "label", "similarity", "epoch"]
+
+
+def test_holds_no_views_and_at_most_a_row_group(tmp_path):
+    sink = ParquetLabelSink(tmp_path / "l.parquet", row_group_size=64)
+    big = np.arange(100_000)  # stands for a record batch's buffer that ids are a view of
+    ref = weakref.ref(big)
+    sink.write(big[:10], np.zeros(10, np.int64), np.zeros(10, np.float32), epoch=0)
+    del big
+    gc.collect()
+    assert ref() is None  # the sink copied the 10 ids, it does not keep the whole buffer
+    for s in range(10, 1000, 30):
+        sink.write(*batch(s, 30), epoch=0)
+        assert sink._buffered < 64 + 30
+    sink.close()
+    assert pq.read_table(tmp_path / "l.parquet").column("id").to_pylist()[10:] == list(range(10, 1000))
+
+
+def test_join_of_parts_streams_row_groups(tmp_path, monkeypatch):
+    path = tmp_path / "l.parquet"
+    sink = ParquetLabelSink(path, row_group_size=50)
+    for s in range(0, 300, 25):
+        sink.write(*batch(s, 25), epoch=1)
+        if s % 100 == 75:
+            sink.checkpoint()  # three sealed parts of two row groups
+    assert sink.n_parts == 3
+    read = []
+    orig = pq.ParquetFile.read_row_group
+
+    def read_row_group(self, i, *a, **kw):
+        read.append(i)
+        return orig(self, i, *a, **kw)
+
+    def whole(*a, **kw):
+        raise AssertionError("the join must not read a whole file")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    monkeypatch.setattr(pq.ParquetFile, "read", whole)
+    monkeypatch.setattr(pq, "read_table", whole)
+    sink.close()
+    monkeypatch.undo()
+    assert read == [0, 1] * 3
+    f = pq.ParquetFile(path)
+    assert f.num_row_groups == 6 and f.read().column("id").to_pylist() == list(range(300))
+    assert not (tmp_path / ".l.parquet.parts").exists()

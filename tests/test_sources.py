@@ -14,6 +14,7 @@ import webdataset as wds
 
 from streamcoke.data import (ArraySource, DataError, ParquetSource, SkipErrors, WebDatasetSource, input_kind,
                              open_source, prefetch)
+from streamcoke.data.array_source import NpyFile
 from streamcoke.io.shards import write_array_shards, write_image_folder_shards
 
 
@@ -62,6 +63,42 @@ def test_array_source_bad_row_names_the_row(X):
     h = SkipErrors()
     ids, _ = collect(ArraySource(X, batch_size=16, handler=h))
     assert h.count == 1 and 37 not in ids and len(ids) == 102
+
+
+def _rss_file_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+
+
+def test_npy_files_are_read_not_mapped(tmp_path, X):
+    np.save(tmp_path / "a.npy", X)
+    src = ArraySource(tmp_path / "a.npy", batch_size=10, shuffle=True, seed=2)
+    assert isinstance(src.arrays[0], NpyFile)
+    ids, F = collect(src)
+    np.testing.assert_array_equal(F, X[ids])  # shuffled rows: read in runs of consecutive rows
+    f = NpyFile(tmp_path / "a.npy")
+    np.testing.assert_array_equal(f[np.array([5, 5, 102, 0, 1, 2])], X[[5, 5, 102, 0, 1, 2]])
+    np.testing.assert_array_equal(f[-1], X[-1])
+    np.testing.assert_array_equal(f[100:200], X[100:])
+    np.save(tmp_path / "f.npy", np.asfortranarray(X))  # column order: falls back to a memory map
+    np.testing.assert_array_equal(collect(ArraySource(tmp_path / "f.npy", batch_size=16))[1], X)
+    (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-8])
+    with pytest.raises(DataError, match="truncated.*t.npy"):
+        ArraySource(tmp_path / "t.npy")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_npy_pass_does_not_grow_resident_memory(tmp_path):
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(131072, 96))
+    big[:] = 1.0  # 48 MiB, in the page cache but not mapped by this process once closed
+    del big
+    before, grown, n = _rss_file_kib(), 0, 0
+    for b in ArraySource(tmp_path / "big.npy", batch_size=4096):
+        n += len(b.ids)
+        grown = max(grown, _rss_file_kib() - before)
+    assert n == 131072
+    assert grown < 16 * 1024  # a memory map's pages read so far count: up to the whole 48 MiB
 
 
 # ----------------------------------------------------------------------------------- parquet
@@ -117,6 +154,24 @@ def test_parquet_missing_column(tmp_path, X):
         collect(ParquetSource(tmp_path / "a.parquet"))
 
 
+def test_parquet_reads_less_than_a_row_group(tmp_path):
+    # One row group of 16 MiB of floats: the dataset scanner decoded (and read ahead) whole
+    # row groups, so memory followed the file's layout rather than the batch size.
+    n, d = 65536, 64
+    X = np.arange(n * d, dtype=np.float32).reshape(n, d)
+    pq.write_table(pa.table({"id": np.arange(n), "embedding": fixed_list(X)}), tmp_path / "one.parquet",
+                   row_group_size=n)
+    assert pq.ParquetFile(tmp_path / "one.parquet").num_row_groups == 1
+    base = pa.total_allocated_bytes()
+    peak, rows = 0, 0
+    for b in ParquetSource(tmp_path / "one.parquet", batch_size=512):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        assert b.ids[0] == rows and b.features[0, 0] == rows * d
+        rows += len(b.ids)
+    assert rows == n
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB of Arrow memory held while reading"
+
+
 # ------------------------------------------------------------------------------- webdataset
 def test_array_shards_round_trip(tmp_path, X):
     pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=30)
@@ -127,6 +182,46 @@ def test_array_shards_round_trip(tmp_path, X):
     np.testing.assert_array_equal(F, X)
     idx = [int(s["idx"]) for s in wds.WebDataset(pattern, shardshuffle=False)]
     assert idx == list(range(103))
+
+
+def test_block_shards_round_trip(tmp_path, X):
+    pattern = write_array_shards(X, str(tmp_path / "b"), maxcount=40, rows_per_sample=16)
+    assert pattern.endswith("b-{000000..000002}.tar")  # 48 + 48 + 7 rows: 3 blocks a shard
+    samples = list(wds.WebDataset(pattern, shardshuffle=False))
+    assert [s["__key__"] for s in samples][:4] == ["000000000", "000000016", "000000032", "000000048"]
+    assert set(samples[0]) >= {"npy", "ids.npy"}
+    src = WebDatasetSource(pattern, batch_size=10)
+    ids, F = collect(src)
+    assert ids == list(range(103))  # block ids: the row numbers
+    np.testing.assert_array_equal(F, X)
+    assert [len(b.ids) for b in src] == [10] * 10 + [3]  # batches cut across blocks and shards
+    k0, F0 = collect(WebDatasetSource(pattern, batch_size=10, shuffle=4, seed=1))
+    assert sorted(k0) == list(range(103)) and k0 != list(range(103))  # blocks shuffled
+    np.testing.assert_array_equal(F0, X[k0])
+
+
+def test_block_bad_rows_and_mixed_layouts(tmp_path, X):
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    Xb = X[:20].copy()
+    Xb[13, 0] = np.inf
+    samples = [{"__key__": "r0", "npy": npy(X[20])},
+               {"__key__": "b0", "npy": npy(Xb), "ids.npy": npy(np.arange(100, 120))},
+               {"__key__": "r1", "npy": npy(X[21])},
+               {"__key__": "b1", "npy": npy(X[:3, :5]), "ids.npy": npy(np.arange(3))},
+               {"__key__": "b2", "npy": npy(X[:3]), "ids.npy": npy(np.arange(2))}]
+    _write(tmp_path / "m.tar", samples)
+    with pytest.raises(DataError, match="NaN or infinity.*m.tar.*sample 113"):
+        collect(WebDatasetSource(str(tmp_path / "m.tar"), batch_size=8))
+    h = SkipErrors()
+    ids, F = collect(WebDatasetSource(str(tmp_path / "m.tar"), batch_size=8, handler=h))
+    assert h.count == 3  # the row with infinity, the block of width 5, the block with too few ids
+    expect = ["r0"] + [str(i) for i in range(100, 120) if i != 113] + ["r1"]
+    assert [str(i) for i in ids] == expect
+    np.testing.assert_array_equal(F, np.concatenate([X[20:21], np.delete(X[:20], 13, 0), X[21:22]]))
 
 
 def test_shuffle_buffer_seeded_by_epoch(tmp_path, X):

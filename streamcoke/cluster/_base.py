@@ -314,7 +314,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         totals = torch.cat([
             torch.as_tensor([float(Xp.shape[0]) if w is None else float(w.double().sum()),
                              float(Xp.shape[0]), float(n_gap_rows)], dtype=torch.float64, device=dev),
-            gap_sums(Z, sizes, n_gap_rows) if use_default else torch.zeros(2 * H, dtype=torch.float64, device=dev),
+            gap_sums(Z, labels, sizes, n_gap_rows) if use_default else torch.zeros(2 * H, dtype=torch.float64, device=dev),
         ])
         totals, counts = distributed.all_reduce_sum(totals, counts)
         batch_weight, n_rows = float(totals[0]), int(totals[1])

@@ -32,13 +32,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 GAP_WINDOW = 1024
 FLOOR_RATE = 0.3
 STARTUP_RATE = 0.1
-SINGLE_STEP_CAP = 2.0
+SINGLE_STEP_CAP = 1.0
 INNER_STEP_CAP = 0.5
 MIN_QUOTA_FOR_INNER = 3.0
 MAX_INNER = 16
@@ -53,26 +54,32 @@ class DualPlan:
     n_iter: tuple[int, ...]
 
 
-def gap_sums(Z: Tensor, sizes: Sequence[int], rows: int = GAP_ROWS) -> Tensor:
-    """Per head, over the first ``rows`` rows: the summed gap between the best and second-best
-    biased score, then the summed magnitude of the best one (the scale below which a gap is
-    rounding noise). Float64 of shape (2 * n_heads,); divide by the row count for means.
+def gap_sums(Z: Tensor, labels: Tensor, sizes: Sequence[int], rows: int = GAP_ROWS) -> Tensor:
+    """Per head, over the first ``rows`` rows: the summed gap between the best biased score (at
+    ``labels``) and the second best, then the summed magnitude of the best one (the scale below
+    which a gap is rounding noise). Float64 of shape (2 * n_heads,); divide by the row count.
 
     A head of one cluster has no second best and contributes a gap of 0.
     """
-    sub = Z[:rows]
     gaps, tops, start = [], [], 0
-    for k in sizes:
-        block = sub[:, start:start + k]
-        if k < 2:
-            top = block.double()
-            gaps.append(torch.zeros((), dtype=torch.float64, device=Z.device))
-        else:
-            top = block.topk(2, dim=1).values.double()
-            gaps.append((top[:, 0] - top[:, 1]).sum())
-        tops.append(top[:, 0].abs().sum())
+    for h, k in enumerate(sizes):
+        block, lab = Z[:rows, start:start + k], labels[:rows, h]
+        top = block.gather(1, lab.unsqueeze(1))[:, 0].double()
+        second = _second_best(block, lab).double() if k > 1 else top
+        gaps.append((top - second).sum())
+        tops.append(top.abs().sum())
         start += k
     return torch.stack(gaps + tops)
+
+
+def _second_best(block: Tensor, winners: Tensor) -> Tensor:
+    """Row-wise largest entry other than the winner's."""
+    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
+        # numpy's SIMD max beats torch's top-k here by an order of magnitude.
+        masked = block.detach().numpy().copy()
+        masked[np.arange(len(masked)), winners.numpy()] = -np.inf
+        return torch.from_numpy(masked.max(axis=1))
+    return block.topk(2, dim=1).values[:, 1]
 
 
 def update_gap(previous: float | None, batch_gap: float, batch_weight: float) -> float:
@@ -96,7 +103,9 @@ def default_plan(gaps: Sequence[float], sizes: Sequence[int], batch_weight: floa
             steps.append(min(eta / n_iter, inner_cap))
             iters.append(n_iter)
         else:
-            steps.append(min(eta, SINGLE_STEP_CAP * k * g))
+            # The cap grows with the start-up rate, so it only tempers the steady state.
+            boost = max(1.0, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight) / FLOOR_RATE)
+            steps.append(min(eta, SINGLE_STEP_CAP * k * g * boost))
             iters.append(1)
     return DualPlan(tuple(steps), tuple(iters))
 

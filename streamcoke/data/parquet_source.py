@@ -7,8 +7,12 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from .batch import Batch, DataError, finite_rows, item, raise_errors, rebatch, report, to_device
+
+# Bytes read from a Parquet file at a time (a buffered stream, not whole column chunks).
+READ_BUFFER = 1 << 20
 
 
 class ParquetSource:
@@ -58,6 +62,7 @@ class ParquetSource:
         self.feature_column, self.id_column = feature_column, id_column
         self.batch_size = int(batch_size)
         self.device = device
+        self.format = "parquet" if format == "parquet" else "ipc"
         self.handler = handler
         self._n_features = n_features
 
@@ -116,21 +121,42 @@ class ParquetSource:
                     raise DataError(f"embeddings have {width} values, expected {self.n_features}",
                                     source=frag.path)
                 columns = [self.feature_column] + ([self.id_column] if self.id_column else [])
-                # Little read-ahead: memory stays flat however large the file (the prefetch thread
-                # already overlaps reading with clustering).
-                batches = frag.to_batches(columns=columns, batch_size=max(self.batch_size, 4096),
-                                          batch_readahead=2, fragment_readahead=1)
+                batches = self._record_batches(frag, columns)
             except DataError as exc:
                 report(self.handler, exc, n=frag.count_rows())
                 row += frag.count_rows()
                 continue
             for rb in batches:
-                ids = rb.column(self.id_column).to_numpy(zero_copy_only=False) if self.id_column \
+                # A copy: a view would keep the record batch's buffer alive for as long as the
+                # ids are held downstream (a label sink holds a row group of them).
+                ids = np.array(rb.column(self.id_column).to_numpy(zero_copy_only=False)) if self.id_column \
                     else np.arange(row, row + rb.num_rows)
                 row += rb.num_rows
                 X, ids = self._matrix(rb.column(self.feature_column), ids, frag.path)
                 if len(X):
                     yield ids, X
+
+    def _record_batches(self, frag, columns) -> Iterator[pa.RecordBatch]:
+        """The record batches of one file, read with memory bounded by the batch, not the file.
+
+        Parquet files are read with ``ParquetFile.iter_batches`` on a buffered stream without
+        pre-buffering: the dataset scanner (``Fragment.to_batches``) reads whole row groups
+        ahead, and decoding a row group of a list column at once costs several times its size
+        (values plus repetition and definition levels), so peak memory grew with the row-group
+        size, and so with the file. Arrow IPC files are read one record batch at a time.
+        """
+        if self.format == "parquet":
+            f = pq.ParquetFile(frag.filesystem.open_input_file(frag.path), buffer_size=READ_BUFFER,
+                               pre_buffer=False)
+            try:
+                yield from f.iter_batches(batch_size=self.batch_size, columns=columns, use_threads=False)
+            finally:
+                f.close()
+        else:
+            with frag.filesystem.open_input_file(frag.path) as stream:
+                reader = pa.ipc.open_file(stream)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i).select(columns)
 
     def _matrix(self, col: pa.Array, ids: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
         """(n, d) numpy view of an embedding column; drops (and reports) rows that do not fit."""

@@ -100,11 +100,15 @@ class ParquetLabelSink:
         """Add one batch: ``ids`` (n,), ``labels`` and ``similarity`` (n,) or (n, n_clusterings).
 
         Tensors may stay on the GPU: they are copied to the host when a row group is written,
-        so writing a batch does not wait for the device.
+        so writing a batch does not wait for the device. Numpy ids are copied: ids that view
+        a larger buffer (a column of a record batch read from Parquet or Arrow, say) would
+        otherwise keep that whole buffer alive until the row group is written.
         """
         n = len(ids)
         if labels.shape[0] != n or similarity.shape[0] != n:
             raise ValueError(f"{n} ids but {labels.shape[0]} labels and {similarity.shape[0]} similarities")
+        if isinstance(ids, np.ndarray):
+            ids = ids.copy()
         self._buffer.append((ids, labels, similarity, int(epoch)))
         self._buffered += n
         if self._buffered >= self.row_group_size:
@@ -136,6 +140,12 @@ class ParquetLabelSink:
             self.schema = table.schema.with_metadata(self.metadata)
         return table.cast(self.schema)
 
+    def _writer_options(self) -> dict:
+        # Dictionary-encode only the small-valued columns: ids and similarities are (nearly)
+        # unique, so their dictionaries were built, then thrown away, at a cost in memory of
+        # several times the row group.
+        return {"use_dictionary": self.label_columns + ["epoch"]}
+
     def _flush(self) -> None:
         if not self._buffer:
             return
@@ -143,9 +153,11 @@ class ParquetLabelSink:
         self._buffer, self._buffered = [], 0
         if self._writer is None:
             tmp = self._part(self.n_parts).with_suffix(".parquet.tmp")
-            self._writer = pq.ParquetWriter(tmp, self.schema)
+            self._writer = pq.ParquetWriter(tmp, self.schema, **self._writer_options())
         self._writer.write_table(table, row_group_size=self.row_group_size)
         self.rows_written += table.num_rows
+        del table
+        pa.default_memory_pool().release_unused()  # the writer's scratch; else mimalloc keeps it
 
     def checkpoint(self) -> int:
         """Write out buffered rows and seal the current part; returns the number of sealed parts
@@ -173,11 +185,11 @@ class ParquetLabelSink:
             if len(parts) == 1:
                 os.replace(parts[0], tmp)
             else:
-                with pq.ParquetWriter(tmp, self.schema) as out:
+                with pq.ParquetWriter(tmp, self.schema, **self._writer_options()) as out:
                     for part in parts:  # one row group in memory at a time
-                        f = pq.ParquetFile(part)
-                        for g in range(f.num_row_groups):
-                            out.write_table(f.read_row_group(g), row_group_size=self.row_group_size)
+                        with pq.ParquetFile(part) as f:
+                            for g in range(f.num_row_groups):
+                                out.write_table(f.read_row_group(g), row_group_size=self.row_group_size)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)

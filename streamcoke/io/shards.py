@@ -81,21 +81,42 @@ def image_folder_samples(root: str | os.PathLike) -> Iterator[dict]:
             idx += 1
 
 
-def array_samples(arrays: Sequence) -> Iterator[dict]:
-    """Samples of the rows of 2-D arrays (or ``.npy`` paths, memory-mapped): ``KEY.npy`` (the
-    row, float32) and ``KEY.idx`` (the row number across the arrays); KEY is the zero-padded
-    row number."""
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def array_samples(arrays: Sequence, rows_per_sample: int = 1) -> Iterator[dict]:
+    """Samples of the rows of 2-D arrays (or ``.npy`` paths, read a block at a time).
+
+    ``rows_per_sample=1``: ``KEY.npy`` (the row, float32) and ``KEY.idx`` (the row number
+    across the arrays); KEY is the zero-padded row number. ``rows_per_sample=n > 1``: blocks,
+    ``KEY.npy`` an (n, d) float32 block of consecutive rows (the last may be shorter) and
+    ``KEY.ids.npy`` their row numbers (int64); KEY is the zero-padded number of the first row.
+    """
+    from ..data.array_source import open_npy
+
+    rows_per_sample = int(rows_per_sample)
+    if rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample must be at least 1, got {rows_per_sample}")
     idx = 0
     for a in arrays:
         if isinstance(a, (str, os.PathLike)):
-            a = np.load(a, mmap_mode="r", allow_pickle=False)
+            a = open_npy(a)
         if a.ndim != 2:
             raise ValueError(f"expected arrays of shape (n, n_features), got {a.shape}")
-        for row in a:
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(row, dtype=np.float32), allow_pickle=False)
-            yield {"__key__": f"{idx:09d}", "npy": buf.getvalue(), "idx": str(idx).encode()}
-            idx += 1
+        step = rows_per_sample if rows_per_sample > 1 else 4096
+        for start in range(0, len(a), step):
+            block = np.asarray(a[start:start + step], dtype=np.float32)
+            if rows_per_sample > 1:
+                yield {"__key__": f"{idx:09d}", "npy": _npy_bytes(np.ascontiguousarray(block)),
+                       "ids.npy": _npy_bytes(np.arange(idx, idx + len(block), dtype=np.int64))}
+                idx += len(block)
+                continue
+            for row in block:
+                yield {"__key__": f"{idx:09d}", "npy": _npy_bytes(row), "idx": str(idx).encode()}
+                idx += 1
 
 
 def write_image_folder_shards(root, prefix: str, maxcount: int = 10000) -> str:
@@ -116,8 +137,26 @@ def write_image_folder_shards(root, prefix: str, maxcount: int = 10000) -> str:
     return _write(image_folder_samples(root), str(prefix), maxcount)
 
 
-def write_array_shards(arrays, prefix: str, maxcount: int = 100000) -> str:
-    """Convert arrays (or ``.npy`` files) to shards of feature rows; returns their pattern."""
+def write_array_shards(arrays, prefix: str, maxcount: int = 100000, rows_per_sample: int = 1) -> str:
+    """Convert arrays (or ``.npy`` files) to shards of feature rows; returns their pattern.
+
+    ``maxcount`` is the number of rows per shard (rounded up to whole samples);
+    ``rows_per_sample > 1`` writes blocks of rows (see :func:`array_samples`), which read
+    much faster than one row per sample.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from streamcoke.data import WebDatasetSource
+    >>> d = tempfile.mkdtemp()
+    >>> X = np.arange(20, dtype=np.float32).reshape(10, 2)
+    >>> pattern = write_array_shards(X, f"{d}/b", maxcount=8, rows_per_sample=4)
+    >>> pattern.endswith("b-{000000..000001}.tar")
+    True
+    >>> [b.ids.tolist() for b in WebDatasetSource(pattern, batch_size=3)]
+    [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    """
     if isinstance(arrays, (np.ndarray, str, os.PathLike)):
         arrays = [arrays]
-    return _write(array_samples(arrays), str(prefix), maxcount)
+    per_shard = max(1, -(-int(maxcount) // int(rows_per_sample)))
+    return _write(array_samples(arrays, rows_per_sample), str(prefix), per_shard)
