@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..core.assign import assign, assigned_scores, flat_labels, head_argmax, winning_scores
-from ..core.centers import cluster_sums, ema_update, running_mean_update
+from ..core.centers import ema_update, member_sums, running_mean_update
 from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step
 from ..core.init import initial_centers
@@ -289,77 +289,98 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         upper = None if self.max_size_ratio is None else per_k * float(self.max_size_ratio)
         return lower, upper
 
-    def _counts(self, labels: Tensor, w: Tensor | None) -> Tensor:
-        """Weight assigned to every center of every head, float64 of shape (sum(sizes),)."""
+    def _counts(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        """Weight assigned to every center of every head (``rows`` from ``flat_labels``)."""
         sizes = self._head_sizes()
-        rows = flat_labels(labels, sizes)
         weights = None if w is None else w.double().repeat(len(sizes))
         return torch.bincount(rows, weights=weights, minlength=sum(sizes)).double()
+
+    def _score_buffer(self, n: int, device: torch.device) -> Tensor:
+        """Scratch space for a batch's score matrix, reused across batches: allocating a fresh
+        megabyte-sized matrix every batch costs a noticeable share of the matrix multiply."""
+        shape = (n, sum(self._head_sizes()))
+        buf = getattr(self, "_scores_scratch", None)
+        if buf is None or buf.shape[1] != shape[1] or buf.shape[0] < n or buf.device != device:
+            buf = torch.empty(shape, dtype=torch.float32, device=device)
+            self._scores_scratch = buf
+        return buf[:n]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_scores_scratch", None)
+        return state
 
     def _step(self, Xp: Tensor, w: Tensor | None) -> Tensor:
         """Assign one prepared batch and fold it into the state; returns (n, n_heads) labels."""
         s = self._state
         sizes = self._head_sizes()
-        H, dev = len(sizes), Xp.device
+        H, dev, n = len(sizes), Xp.device, Xp.shape[0]
         lower, upper = self._share_bounds()
         rho, mu = s["rho"], s["mu"]
         bias0 = rho - mu
-        Z = biased_scores(Xp, s["centers"], bias0, self.metric)
+        Z = biased_scores(Xp, s["centers"], bias0, self.metric, out=self._score_buffer(n, dev))
         labels = head_argmax(Z, sizes)
-        counts = self._counts(labels, w)
+        rows = flat_labels(labels, sizes)
+        local_counts = self._counts(rows, w)
 
         # Batch totals and, for the default schedule, the score-gap statistic (summed over ranks).
         use_default = self.dual_lr is None
-        n_gap_rows = min(GAP_ROWS, Xp.shape[0]) if use_default else 0
-        totals = torch.cat([
-            torch.as_tensor([float(Xp.shape[0]) if w is None else float(w.double().sum()),
-                             float(Xp.shape[0]), float(n_gap_rows)], dtype=torch.float64, device=dev),
-            gap_sums(Z, labels, sizes, n_gap_rows) if use_default else torch.zeros(2 * H, dtype=torch.float64, device=dev),
-        ])
-        totals, counts = distributed.all_reduce_sum(totals, counts)
-        batch_weight, n_rows = float(totals[0]), int(totals[1])
+        n_gap_rows = min(GAP_ROWS, n) if use_default else 0
+        weight = float(n) if w is None else float(w.double().sum())
+        totals = torch.tensor([weight, float(n), float(n_gap_rows)], dtype=torch.float64, device=dev)
+        if use_default:
+            totals = torch.cat([totals, gap_sums(Z, labels, sizes, n_gap_rows)])
+        totals, counts = distributed.all_reduce_sum(totals, local_counts)
+        totals = totals.tolist()
+        batch_weight, n_rows = totals[0], int(totals[1])
         gap = s["gap"]
         if use_default:
-            batch_gap = (totals[3:3 + H] / totals[2]).tolist()
-            floor = (1e-6 * totals[3 + H:] / totals[2]).tolist()  # keeps exact ties breakable
-            gap = [max(update_gap(None if self.n_steps_ == 0 else float(g0), g1, batch_weight), f, 1e-30)
-                   for g0, g1, f in zip(gap.tolist(), batch_gap, floor)]
+            batch_gap = [x / totals[2] for x in totals[3:3 + H]]
+            floor = [1e-6 * x / totals[2] for x in totals[3 + H:]]  # keeps exact ties breakable
+            previous = gap.tolist()
+            gap = [max(update_gap(None if self.n_steps_ == 0 else g0, g1, batch_weight), f, 1e-30)
+                   for g0, g1, f in zip(previous, batch_gap, floor)]
             plan = default_plan(gap, sizes, batch_weight, float(self.n_samples_seen_), float(self.min_size_ratio))
-            gap = torch.as_tensor(gap, dtype=torch.float64, device=dev)
+            gap = torch.tensor(gap, dtype=torch.float64, device=dev)
         else:
             plan = constant_plan(float(self.dual_lr), sizes, batch_weight)
 
         # Projected dual ascent. A batch holding several quotas of every cluster takes several
         # smaller steps, re-assigning itself with the updated duals each time (one multiply).
         bias_used = bias0
-        n_iter = max(plan.n_iter)
-        for it in range(n_iter):
+        for it in range(max(plan.n_iter)):
             if it > 0:
+                Z.add_((rho - mu) - bias_used)  # Z is scratch: re-bias it in place
                 bias_used = rho - mu
-                labels = head_argmax(Z + (bias_used - bias0), sizes)
-                counts, = distributed.all_reduce_sum(self._counts(labels, w))
-            step = torch.cat([torch.full((k,), st if it < n else 0.0, device=dev)
-                              for k, st, n in zip(sizes, plan.step, plan.n_iter)])
+                labels = head_argmax(Z, sizes)
+                rows = flat_labels(labels, sizes)
+                local_counts = self._counts(rows, w)
+                counts, = distributed.all_reduce_sum(local_counts)
+            if H == 1:
+                step = plan.step[0] if it < plan.n_iter[0] else 0.0
+            else:
+                step = torch.cat([torch.full((k,), st if it < m else 0.0, device=dev)
+                                  for k, st, m in zip(sizes, plan.step, plan.n_iter)])
             rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
-        if n_iter > 1:
-            Z = Z + (bias_used - bias0)
-        best = winning_scores(Z, labels, sizes, row_offset(Xp, self.metric))
 
-        # Certificate terms of the batch: achieved objective and the pieces of the dual bound.
-        gained = assigned_scores(best, labels, bias_used, sizes).double()
-        row_max = best.double()
+        # Certificate terms: sum of the winning biased scores, and of the bias they contain
+        # (counts . bias, so no per-sample gather is needed).
+        best = winning_scores(Z, labels, sizes, row_offset(Xp, self.metric)).double()
         if w is not None:
-            gained, row_max = gained * w.double().unsqueeze(1), row_max * w.double().unsqueeze(1)
-        cert = torch.cat([gained.sum(0), row_max.sum(0)])
+            best = best * w.double().unsqueeze(1)
+        row_max = best.sum(0)
+        paid = local_counts * bias_used.double()
+        bias_paid = paid.sum().reshape(1) if H == 1 else torch.stack([p.sum() for p in torch.split(paid, list(sizes))])
+        cert = torch.cat([row_max - bias_paid, row_max])
         if self.center_update == "none":
             cert, = distributed.all_reduce_sum(cert)
             new = {}
         else:
-            sums, _ = cluster_sums(Xp, flat_labels(labels, sizes), w, sum(sizes), H)
+            sums = member_sums(Xp, rows, w, sum(sizes), H)
             cert, sums = distributed.all_reduce_sum(cert, sums)
             if self.center_update == "mean":
-                centers, epoch_sums, _ = running_mean_update(
-                    s["centers"], s["epoch_sums"], s["epoch_counts"], sums, counts, self.metric)
+                centers, epoch_sums = running_mean_update(
+                    s["centers"], s["epoch_sums"], s["epoch_counts"] + counts, sums, self.metric)
                 new = {"centers": centers, "epoch_sums": epoch_sums}
             else:
                 new = {"centers": ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)}

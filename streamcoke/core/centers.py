@@ -18,9 +18,8 @@ from torch import Tensor
 from .similarity import normalize_rows
 
 
-def cluster_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int,
-                 n_heads: int = 1) -> tuple[Tensor, Tensor]:
-    """Weighted sum and weight of the members of every center.
+def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int, n_heads: int = 1) -> Tensor:
+    """Weighted sum of the members of every center, shape (n_centers, n_features).
 
     ``rows`` are the flat, head-major center indices of :func:`streamcoke.core.assign.flat_labels`
     (``n_heads`` blocks of ``len(X)``), so one scatter serves every head.
@@ -28,14 +27,7 @@ def cluster_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int
     Xw = X if weights is None else X * weights.unsqueeze(1)
     if n_heads > 1:
         Xw = Xw.repeat(n_heads, 1)
-        weights = None if weights is None else weights.repeat(n_heads)
-    sums = torch.zeros(n_centers, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, rows, Xw)
-    if weights is None:
-        counts = torch.bincount(rows, minlength=n_centers).to(torch.float64)
-    else:
-        counts = torch.zeros(n_centers, dtype=torch.float64, device=X.device).index_add_(
-            0, rows, weights.to(torch.float64))
-    return sums, counts
+    return torch.zeros(n_centers, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, rows, Xw)
 
 
 def _finish(centers: Tensor, candidate: Tensor, has_members: Tensor, metric: str) -> Tensor:
@@ -44,15 +36,19 @@ def _finish(centers: Tensor, candidate: Tensor, has_members: Tensor, metric: str
     return torch.where(has_members.unsqueeze(1), candidate, centers)
 
 
-def running_mean_update(centers: Tensor, epoch_sums: Tensor, epoch_counts: Tensor,
-                        batch_sums: Tensor, batch_counts: Tensor,
-                        metric: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold a batch into the epoch's running means; returns (centers, epoch_sums, epoch_counts)."""
+def running_mean_update(centers: Tensor, epoch_sums: Tensor, epoch_counts: Tensor, batch_sums: Tensor,
+                        metric: str) -> tuple[Tensor, Tensor]:
+    """Fold a batch's member sums into the epoch's running means; returns (centers, epoch_sums).
+
+    ``epoch_counts`` already include the batch. With the cosine metric the mean's length does
+    not matter (it is re-normalised), so the sums are normalised directly.
+    """
     epoch_sums = epoch_sums + batch_sums
-    epoch_counts = epoch_counts + batch_counts
     has_members = epoch_counts > 0
+    if metric == "cosine":
+        return _finish(centers, epoch_sums, has_members, metric), epoch_sums
     mean = epoch_sums / epoch_counts.clamp(min=1e-12).to(epoch_sums.dtype).unsqueeze(1)
-    return _finish(centers, mean, has_members, metric), epoch_sums, epoch_counts
+    return _finish(centers, mean, has_members, metric), epoch_sums
 
 
 def ema_update(centers: Tensor, batch_sums: Tensor, batch_counts: Tensor, momentum: float,

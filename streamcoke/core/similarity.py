@@ -34,16 +34,19 @@ def scores(X: Tensor, centers: Tensor, metric: str) -> Tensor:
     return torch.addmm(sq_c.neg().unsqueeze(0), X, centers.T, alpha=2.0).sub_(sq_x)
 
 
-def biased_scores(X: Tensor, centers: Tensor, bias: Tensor, metric: str) -> Tensor:
+def biased_scores(X: Tensor, centers: Tensor, bias: Tensor, metric: str, out: Tensor | None = None) -> Tensor:
     """``scores(X, centers) + bias`` up to a per-row constant, in one fused multiply-add.
 
     The per-row term ``-||x||^2`` of the Euclidean metric does not change which center wins, so
     it is left out here; :func:`row_offset` returns it for callers that need true scores.
+    ``out`` is an optional preallocated (n, n_centers) result.
     """
-    if metric == "cosine":
-        return torch.addmm(bias.unsqueeze(0), X, centers.T)
-    sq_c = (centers * centers).sum(dim=1)
-    return torch.addmm((bias - sq_c).unsqueeze(0), X, centers.T, alpha=2.0)
+    if metric == "euclidean":
+        bias = bias - (centers * centers).sum(dim=1)
+    alpha = 1.0 if metric == "cosine" else 2.0
+    if out is None:
+        return torch.addmm(bias.unsqueeze(0), X, centers.T, alpha=alpha)
+    return torch.addmm(bias.unsqueeze(0), X, centers.T, alpha=alpha, out=out)
 
 
 def row_offset(X: Tensor, metric: str) -> Tensor | None:
