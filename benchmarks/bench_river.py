@@ -63,6 +63,7 @@ def bench(n: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args()
     n, repeats = (2000, 3) if args.quick else (20000, 5)
 
@@ -76,13 +77,13 @@ def main() -> None:
         print(f"{name:<36} {r['learn_one_per_s']:>12,.0f} {r['predict_one_per_s']:>14,.0f}")
     print(f"{'speed-up':<36} {speedup['learn_one_per_s']:>11.2f}x {speedup['predict_one_per_s']:>13.2f}x")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "n_features": N_FEATURES, "n_clusters": N_CLUSTERS, "n_samples": n, "repeats": repeats,
         "quick": args.quick, "results": rows, "speedup": speedup,
         "python": platform.python_version(), "machine": platform.machine(),
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, one round")
     parser.add_argument("--rows", type=int, default=None, help="rows at 1x (default 50k quick, 200k full)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 1 quick, 3 full)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args()
     n1 = args.rows or (50_000 if args.quick else 200_000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -177,14 +178,14 @@ def main() -> None:
         print(f"{name:40s} {fmt('rate_1x', '{:,.0f}'):>13s} {fmt('rate_10x', '{:,.0f}'):>10s} "
               f"{fmt('vs_in_memory', '{:.0%}'):>10s} {fmt('peak_rss_mib_1x', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_10x', '{:,.0f}'):>8s} {fmt('rss_growth_10x', '{:+.0%}'):>7s}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "config": {"n_features": D, "n_clusters": K, "batch_size": B, "rows_1x": n1, "rows_10x": 10 * n1,
                    "repeats": repeats, "quick": args.quick, "rates": "samples/s after the first batch",
                    "webdataset blocks": f"{B} rows per sample"},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "results": rows}, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -281,17 +281,27 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         self.n_epochs_completed_ = 0
 
     def _share_bounds(self) -> tuple[Tensor, Tensor | None]:
-        """Per-center minimum and maximum share of a batch: ``ratio / K`` of the center's head."""
+        """Per-center minimum and maximum share of a batch: ``ratio / K`` of the center's head.
+
+        Cached (not state): rebuilding them costs a handful of small ops every batch."""
         sizes = self._head_sizes()
         dev = self.device_
+        key = (sizes, float(self.min_size_ratio), self.max_size_ratio, str(dev))
+        cached = getattr(self, "_bounds_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         per_k = torch.cat([torch.full((k,), 1.0 / k, device=dev) for k in sizes])
         lower = per_k * float(self.min_size_ratio)
         upper = None if self.max_size_ratio is None else per_k * float(self.max_size_ratio)
+        self._bounds_cache = (key, (lower, upper))
         return lower, upper
 
     def _counts(self, rows: Tensor, w: Tensor | None) -> Tensor:
         """Weight assigned to every center of every head (``rows`` from ``flat_labels``)."""
         sizes = self._head_sizes()
+        if rows.device.type == "cpu":  # numpy's bincount: a fraction of torch's per-call cost
+            weights = None if w is None else np.tile(w.numpy().astype(np.float64), len(sizes))
+            return torch.from_numpy(np.bincount(rows.numpy(), weights=weights, minlength=sum(sizes)).astype(np.float64))
         weights = None if w is None else w.double().repeat(len(sizes))
         return torch.bincount(rows, weights=weights, minlength=sum(sizes)).double()
 
@@ -308,6 +318,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_scores_scratch", None)
+        state.pop("_bounds_cache", None)
         return state
 
     def _step(self, Xp: Tensor, w: Tensor | None) -> Tensor:
@@ -329,7 +340,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         weight = float(n) if w is None else float(w.double().sum())
         totals = torch.tensor([weight, float(n), float(n_gap_rows)], dtype=torch.float64, device=dev)
         if use_default:
-            totals = torch.cat([totals, gap_sums(Z, labels, sizes, n_gap_rows)])
+            totals = torch.cat([totals, gap_sums(Z, labels, sizes, n_gap_rows).to(dev)])
         totals, counts = distributed.all_reduce_sum(totals, local_counts)
         totals = totals.tolist()
         batch_weight, n_rows = totals[0], int(totals[1])

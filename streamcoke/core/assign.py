@@ -54,6 +54,8 @@ def assign(
 
 def head_argmax(Z: Tensor, sizes: Sequence[int]) -> Tensor:
     """Per-head argmax of a stacked score matrix, shape (n, n_heads), labels counted per head."""
+    if len(sizes) == 1:
+        return row_argmax(Z).unsqueeze(1)
     return torch.stack([row_argmax(Z[:, o : o + k]) for o, k in zip(head_offsets(sizes), sizes)], dim=1)
 
 

@@ -34,6 +34,8 @@ def streaming_bound_correction(reference: Tensor, current: Tensor, sizes) -> Ten
     valid while the duals move during the epoch, at a cost of O(K) per batch.
     """
     diff = reference - current
+    if len(sizes) == 1:
+        return diff.max().reshape(1)
     return torch.stack([block.max() for block in torch.split(diff, list(sizes))])
 
 

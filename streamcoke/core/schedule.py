@@ -59,27 +59,39 @@ def gap_sums(Z: Tensor, labels: Tensor, sizes: Sequence[int], rows: int = GAP_RO
     ``labels``) and the second best, then the summed magnitude of the best one (the scale below
     which a gap is rounding noise). Float64 of shape (2 * n_heads,); divide by the row count.
 
-    A head of one cluster has no second best and contributes a gap of 0.
+    A head of one cluster has no second best and contributes a gap of 0. On the CPU the winners'
+    entries of ``Z`` are masked in place for the second-best pass and then put back, which saves
+    copying the block; ``Z`` is unchanged on return.
     """
+    if Z.device.type == "cpu" and Z.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(_gap_sums_numpy(Z.detach().numpy(), labels.numpy(), sizes, rows))
     gaps, tops, start = [], [], 0
     for h, k in enumerate(sizes):
         block, lab = Z[:rows, start:start + k], labels[:rows, h]
         top = block.gather(1, lab.unsqueeze(1))[:, 0].double()
-        second = _second_best(block, lab).double() if k > 1 else top
+        second = block.topk(2, dim=1).values[:, 1].double() if k > 1 else top
         gaps.append((top - second).sum())
         tops.append(top.abs().sum())
         start += k
     return torch.stack(gaps + tops)
 
 
-def _second_best(block: Tensor, winners: Tensor) -> Tensor:
-    """Row-wise largest entry other than the winner's."""
-    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
-        # numpy's SIMD max beats torch's top-k here by an order of magnitude.
-        masked = block.detach().numpy().copy()
-        masked[np.arange(len(masked)), winners.numpy()] = -np.inf
-        return torch.from_numpy(masked.max(axis=1))
-    return block.topk(2, dim=1).values[:, 1]
+def _gap_sums_numpy(Z: np.ndarray, labels: np.ndarray, sizes: Sequence[int], rows: int) -> np.ndarray:
+    # numpy's SIMD max beats torch's top-k here by an order of magnitude.
+    out = np.zeros(2 * len(sizes))
+    start = 0
+    for h, k in enumerate(sizes):
+        block = Z[:rows, start:start + k]
+        idx = (np.arange(block.shape[0]), labels[:rows, h])
+        top = block[idx]
+        if k > 1:
+            block[idx] = -np.inf
+            second = block.max(axis=1)
+            block[idx] = top
+            out[h] = (top.astype(np.float64) - second).sum()
+        out[len(sizes) + h] = np.abs(top.astype(np.float64)).sum()
+        start += k
+    return out
 
 
 def update_gap(previous: float | None, batch_gap: float, batch_weight: float) -> float:
