@@ -211,6 +211,7 @@ class OnlineConstrainedKMeans(base.Clusterer):
         self._index: dict = {}  # feature name -> column
         self._names: list = []  # column -> feature name
         self._identity: list[int] = []  # [0, 1, ..., n_features - 1]
+        self._known_keys: tuple = ()  # the keys of the last sample that matched the columns exactly
         self._buffer: list[np.ndarray] | None = []  # seeding samples; None once seeded
         self._centers = np.zeros((K, 0))
         self._sums = np.zeros((K, 0))  # member sums, for center_update="mean"
@@ -273,6 +274,15 @@ class OnlineConstrainedKMeans(base.Clusterer):
         index = self._index
         D = len(index)
         new = []
+        keys = tuple(x)
+        if keys == self._known_keys:  # the usual case: the known features, in the known order
+            raw = x.values()
+            if not _PLAIN_NUMBERS.issuperset(map(type, raw)):
+                self._raise_bad_value(x)
+            values = np.fromiter(raw, dtype=np.float64, count=len(x))
+            if not math.isfinite(values.dot(values)):
+                self._raise_bad_value(x)
+            return values, new
         try:
             cols = [index[k] for k in x]
         except KeyError:
@@ -293,7 +303,9 @@ class OnlineConstrainedKMeans(base.Clusterer):
         if not math.isfinite(values.dot(values)):
             self._raise_bad_value(x)  # returns only when the squared norm merely overflowed
         if not new and cols == self._identity:
-            return values, new  # the usual case: the known features, in the known order
+            if grow:
+                self._known_keys = keys
+            return values, new
         if len(new) > 1:
             # New columns in a canonical order, so results do not depend on the dict's key order.
             new = sorted(new, key=_feature_sort_key)
@@ -320,6 +332,7 @@ class OnlineConstrainedKMeans(base.Clusterer):
         """Record new feature names; every center gets a 0 there, as every earlier sample had."""
         if not new:
             return
+        self._known_keys = ()  # the columns change: the fast path must match afresh
         for k in new:
             self._index[k] = len(self._names)
             self._names.append(k)
@@ -355,10 +368,10 @@ class OnlineConstrainedKMeans(base.Clusterer):
         else:
             # The library's default rule measures steps in units of the running gap between
             # the best and second-best biased score (see streamcoke.core.schedule).
-            top = z[k]
+            top = float(z[k])
             z[k] = -np.inf
-            gap = top - z.max() if K > 1 else 0.0
-            self._gap = float(max(update_gap(self._gap if self._n_steps else None, gap, 1.0), 1e-6 * abs(top), 1e-30))
+            gap = top - float(z.max()) if K > 1 else 0.0
+            self._gap = max(update_gap(self._gap if self._n_steps else None, gap, 1.0), 1e-6 * abs(top), 1e-30)
             eta = default_step_size(1.0, self._gap, K, self._n_steps)
         self._rho, self._mu = dual_step(self._rho, self._mu, self._eye[k], lower, upper, eta)
 

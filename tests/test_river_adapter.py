@@ -267,3 +267,13 @@ def test_streamcoke_imports_without_river():
     code = ("import sys; sys.modules['river'] = None; import streamcoke; "
             "assert 'streamcoke.adapters.river' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_returning_to_an_earlier_feature_set_after_growth():
+    model = OnlineConstrainedKMeans(n_clusters=2, init_size=2, seed=0)
+    for x in ({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 1.0}):
+        model.learn_one(x)
+    model.learn_one({"a": 1.0, "b": 2.0, "c": 5.0})  # a new feature
+    model.learn_one({"a": 1.0, "b": 2.0})  # the earlier keys again: "c" counts as 0
+    assert model.predict_one({"a": 1.0, "b": 2.0}) in (0, 1)
+    assert set(model.centers[0]) == {"a", "b", "c"}

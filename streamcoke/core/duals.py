@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-Array = TypeVar("Array")  # a torch tensor or a numpy array: only operators and .clip are used
+import numpy as np
+
+Array = TypeVar("Array")  # a torch tensor or a numpy array
+
+
+def _project(x: Array) -> Array:
+    """Clamp a freshly computed array at 0, in place (numpy's ``maximum`` with ``out`` avoids the
+    slow generic ``clip`` wrapper on the one-sample path)."""
+    return np.maximum(x, 0.0, out=x) if isinstance(x, np.ndarray) else x.clamp_(min=0)
 
 
 def dual_step(rho: Array, mu: Array, shares: Array, lower: Array, upper: Array | None,
@@ -24,8 +32,8 @@ def dual_step(rho: Array, mu: Array, shares: Array, lower: Array, upper: Array |
     Works on torch tensors and numpy arrays alike, so the one-sample-at-a-time river adapter
     shares it with the batched estimator.
     """
-    new_rho = (rho + step_size * (lower - shares)).clip(min=0)
+    new_rho = _project(rho + step_size * (lower - shares))
     if upper is None:
         return new_rho, mu
-    new_mu = (mu + step_size * (shares - upper)).clip(min=0)
+    new_mu = _project(mu + step_size * (shares - upper))
     return new_rho, new_mu

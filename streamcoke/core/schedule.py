@@ -107,17 +107,14 @@ def default_plan(gaps: Sequence[float], sizes: Sequence[int], batch_weight: floa
     """The default steps for a batch of total weight ``batch_weight`` (see the module docstring)."""
     steps, iters = [], []
     for g, k in zip(gaps, sizes):
-        lr = g * max(FLOOR_RATE, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight))
-        eta = lr * batch_weight
+        eta = g * max(FLOOR_RATE, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight)) * batch_weight
         inner_cap = INNER_STEP_CAP * k * g
         if batch_weight * min_size_ratio / k >= MIN_QUOTA_FOR_INNER and eta > inner_cap > 0:
             n_iter = min(MAX_INNER, math.ceil(eta / inner_cap))
             steps.append(min(eta / n_iter, inner_cap))
             iters.append(n_iter)
         else:
-            # The cap grows with the start-up rate, so it only tempers the steady state.
-            boost = max(1.0, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight) / FLOOR_RATE)
-            steps.append(min(eta, SINGLE_STEP_CAP * k * g * boost))
+            steps.append(default_step_size(batch_weight, g, k, n_seen))
             iters.append(1)
     return DualPlan(tuple(steps), tuple(iters))
 
@@ -128,6 +125,9 @@ def constant_plan(dual_lr: float, sizes: Sequence[int], batch_weight: float) -> 
 
 
 def default_step_size(batch_weight: float, gap: float, n_clusters: int, n_seen: float) -> float:
-    """The single-step size of the default rule for one clustering (no inner iterations), as
-    used by one-sample-at-a-time learners; ``gap`` is the running score-gap statistic."""
-    return default_plan([gap], [n_clusters], batch_weight, n_seen, 0.0).step[0]
+    """One ascent step of the default rule for one clustering (no inner iterations), as taken by
+    batches too small to split and by one-sample-at-a-time learners; ``gap`` is the running
+    score-gap statistic. The cap on the step grows with the start-up rate, so it only tempers
+    the steady state."""
+    boost = max(1.0, STARTUP_RATE * n_clusters / math.sqrt(n_seen + batch_weight) / FLOOR_RATE)
+    return min(gap * FLOOR_RATE * boost * batch_weight, SINGLE_STEP_CAP * n_clusters * gap * boost)
