@@ -216,7 +216,7 @@ class OnlineConstrainedKMeans(base.Clusterer):
         self._centers = np.zeros((K, 0))
         self._sums = np.zeros((K, 0))  # member sums, for center_update="mean"
         self._sq_norms = np.zeros(K)
-        self._counts = np.zeros(K, dtype=np.int64)
+        self._counts = [0] * K  # plain ints: cheaper to bump one at a time than a numpy array
         self._rho = np.zeros(K)
         self._mu = np.zeros(K)
         self._offset = np.zeros(K)
@@ -377,8 +377,9 @@ class OnlineConstrainedKMeans(base.Clusterer):
 
         self._counts[k] += 1
         if self.center_update == "mean":
-            self._sums[k] += v
-            self._set_center(k, self._sums[k] / self._counts[k])
+            row = self._sums[k]
+            row += v
+            self._set_center(k, row * (1.0 / self._counts[k]))
         elif self.center_update == "ema":
             m = self.ema_momentum
             self._set_center(k, m * self._centers[k] + (1.0 - m) * v)
@@ -525,7 +526,7 @@ class OnlineConstrainedKMeans(base.Clusterer):
 
     @property
     def cluster_sizes(self) -> list[int]:
-        return self._counts.tolist()
+        return list(self._counts)
 
     @property
     def duals(self) -> list[float]:
