@@ -20,6 +20,6 @@ def test_benchmark_script_runs(tmp_path, script, args):
     done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "|" in done.stdout or "speed-up" in done.stdout
+    assert "streamcoke" in done.stdout  # the table names our rows
     if script != "bench_partial_fit.py":
         assert (tmp_path / "result.json").stat().st_size > 0
