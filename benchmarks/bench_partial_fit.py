@@ -12,6 +12,7 @@ ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a few seconds, for the smoke test")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write the JSON results (default: results/partial_fit_<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.rounds = 3, 1
@@ -83,8 +86,12 @@ def main(argv=None) -> dict:
     print(f"partial_fit, d={d}, K={K}, batch={b}, float32, device={dev} "
           f"({info.get('gpu', info['cpu'])}, {info['torch_threads']} threads), median of {args.rounds} rounds")
     print(table(rows, ["method", "samples/s", "vs matmul", "vs scikit-learn"]))
-    result = {"config": vars(args), "machine": info, "rates": rates}
-    if not args.quick:
+    result = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": info, "rates": rates}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print("wrote", args.out)
+    elif not args.quick:
         print("wrote", write_json(f"partial_fit_{dev.type}", result))
     return result
 

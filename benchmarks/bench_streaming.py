@@ -13,7 +13,9 @@ Rates are samples per second after the first batch: the first ``partial_fit`` se
 centers, a one-off that is not streaming's business (``streamcoke cluster`` prints this rate;
 process start-up is left out too). Each round runs the in-memory loop and then every streamed
 kind, so that a busy machine slows both sides of a ratio alike; the table shows the best of
-``--repeats`` rounds, and ``vs memory`` is the best streamed rate over the best in-memory one.
+``--repeats`` rounds, ``vs memory`` is the best streamed rate over the best in-memory one, and
+``median`` the median over rounds of each round's own ratio (the steadier figure on a shared
+machine, where one slow round moves a best-of ratio a lot).
 Peak memory is the peak resident set size of a separate process per run (its own VmHWM), at 1x
 and at 10x the rows: a streaming run should need about the same at both.
 
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,6 +166,7 @@ def main() -> None:
             row = {"rate_1x": max(rates[kind]), "rates_1x": rates[kind],
                    "vs_in_memory": max(rates[kind]) / max(mem_rates),
                    "vs_in_memory_per_round": [a / m for a, m in zip(rates[kind], mem_rates)],
+                   "vs_in_memory_median": statistics.median(a / m for a, m in zip(rates[kind], mem_rates)),
                    "peak_rss_mib_1x": rss1[kind] / 1024}
             if kind in large:
                 r10, m10 = cli_run([str(large[kind])], folder)
@@ -172,11 +176,12 @@ def main() -> None:
 
     print(f"\nd = {D}, K = {K}, batch = {B}, 1x = {n1:,} rows, 10x = {10 * n1:,} rows, one epoch; "
           f"rates after the first batch, best of {repeats}\n")
-    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
+    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'median':>7s} {'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
     for name, r in rows.items():
         fmt = lambda k, f: (f.format(r[k]) if k in r else "-")  # noqa: E731
         print(f"{name:40s} {fmt('rate_1x', '{:,.0f}'):>13s} {fmt('rate_10x', '{:,.0f}'):>10s} "
-              f"{fmt('vs_in_memory', '{:.0%}'):>10s} {fmt('peak_rss_mib_1x', '{:,.0f}'):>11s} "
+              f"{fmt('vs_in_memory', '{:.0%}'):>10s} {fmt('vs_in_memory_median', '{:.0%}'):>7s} "
+              f"{fmt('peak_rss_mib_1x', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_10x', '{:,.0f}'):>8s} {fmt('rss_growth_10x', '{:+.0%}'):>7s}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

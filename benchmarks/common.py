@@ -80,3 +80,96 @@ def table(rows: list[dict], columns: list[str]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- shared by the
+# peer benchmarks (bench_speed, bench_optimality, bench_quality, run_all)
+
+def add_size_flags(parser, *, out_dir: bool = True) -> None:
+    """``--smoke`` (seconds, for the tests), ``--quick`` (the default) and ``--full`` sizes."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                      help="tiny sizes, a few seconds (the smoke test)")
+    size.add_argument("--quick", dest="size", action="store_const", const="quick",
+                      help="a few minutes on a 2-core CPU (the default)")
+    size.add_argument("--full", dest="size", action="store_const", const="full", help="the full sweep")
+    parser.set_defaults(size="quick")
+    if out_dir:
+        parser.add_argument("--out-dir", type=Path, default=RESULTS,
+                            help="where to write NAME.json and NAME*.png (default benchmarks/results)")
+
+
+def optional_import(module: str, note: str = ""):
+    """The module, or None with a printed note: peers are optional (the ``bench`` extra)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        print(f"note: {module} is not installed ({exc.__class__.__name__}); its rows are skipped"
+              + (f" ({note})" if note else "") + ". `pip install -e .[bench]` adds it.")
+        return None
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (plots skipped) without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; plots are skipped")
+        return None
+    return plt
+
+
+def save_figure(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print("wrote", path)
+    return path
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds taken by ``fn()`` and what it returned."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def capped_rate(step: Callable[[int], object], *, chunk: int, budget_s: float, max_items: int) -> float:
+    """Items per second of ``step(i)`` for slow per-item peers (pure-Python river): whole chunks
+    of ``chunk`` items until ``budget_s`` seconds or ``max_items`` items have passed, at least one
+    chunk. A rate from a few items; meant for orders of magnitude."""
+    done, start = 0, time.perf_counter()
+    while True:
+        for _ in range(chunk):
+            step(done)
+            done += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget_s or done + chunk > max_items:
+            return done / elapsed
+
+
+def write_json_to(folder: Path, name: str, payload: dict) -> Path:
+    """``write_json`` into another folder (the smoke tests write to a temporary one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")

@@ -77,7 +77,11 @@ def finite_rows(X: np.ndarray, ids, source, handler: Callable) -> np.ndarray | N
 
     Returns None when all rows are finite (the common case costs one pass, no copy).
     """
-    ok = np.isfinite(X).all(axis=1) if X.size else np.ones(len(X), bool)
+    if not X.size:
+        return None
+    if X.dtype.kind != "f" or np.isfinite(X.sum()):  # one reduction, no temporary, when clean
+        return None
+    ok = np.isfinite(X).all(axis=1)  # a sum of finite values can still overflow: check rows
     if ok.all():
         return None
     for i in np.flatnonzero(~ok):
