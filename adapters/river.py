@@ -27,11 +27,11 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     ) from exc
 
 from streamcoke.core.duals import dual_step
+from streamcoke.core.similarity import METRICS
 from streamcoke.core.schedule import default_step_size, update_gap
 
 __all__ = ["OnlineConstrainedKMeans", "ConstrainedKMeans"]
 
-METRICS = ("cosine", "euclidean")
 CENTER_UPDATES = ("mean", "ema", "none")
 _PLAIN_NUMBERS = frozenset({float, int, bool})
 

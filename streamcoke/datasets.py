@@ -21,13 +21,24 @@ def imbalanced_mixture(n_samples: int, n_components: int, n_features: int, *, co
     a few large and many tiny components). Returns ``(X, y, means)`` with L2-normalised rows.
     """
     rng = np.random.default_rng(random_state)
-    means = rng.normal(size=(n_components, n_features))
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    X, y, means = _sphere_mixture(rng, n_samples, n_components, n_features, concentration, spread)
+    return X.astype(np.float32), y.astype(np.int64), means.astype(np.float32)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    rows = rng.normal(size=(n, d))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _sphere_mixture(rng: np.random.Generator, n_samples: int, n_components: int, n_features: int,
+                    concentration: float, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit-norm component means with Dirichlet weights; noisy samples projected onto the sphere."""
+    means = _unit_rows(rng, n_components, n_features)
     weights = rng.dirichlet(np.full(n_components, concentration))
     y = rng.choice(n_components, size=n_samples, p=weights)
-    X = means[y] + spread * rng.normal(size=(n_samples, n_features)) / np.sqrt(n_features)
+    X = means[y] + noise * rng.normal(size=(n_samples, n_features)) / np.sqrt(n_features)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    return X.astype(np.float32), y.astype(np.int64), means.astype(np.float32)
+    return X, y, means
 
 
 def starved_clusters_problem(n_samples: int, n_clusters: int, n_features: int = 32, *, noise: float = 0.8,
@@ -41,13 +52,7 @@ def starved_clusters_problem(n_samples: int, n_clusters: int, n_features: int = 
     """
     rng = np.random.default_rng(random_state)
     n_components = max(1, n_clusters // 2)
-    means = rng.normal(size=(n_components, n_features))
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
-    weights = rng.dirichlet(np.full(n_components, concentration))
-    z = rng.choice(n_components, size=n_samples, p=weights)
-    X = means[z] + noise * rng.normal(size=(n_samples, n_features)) / np.sqrt(n_features)
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    extra = rng.normal(size=(n_clusters - n_components, n_features))
-    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    X, _, means = _sphere_mixture(rng, n_samples, n_components, n_features, concentration, noise)
+    extra = _unit_rows(rng, n_clusters - n_components, n_features)
     centers = np.concatenate([means, extra])[rng.permutation(n_clusters)]
     return X.astype(np.float32), centers.astype(np.float32)

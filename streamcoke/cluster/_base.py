@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
-from ..core.assign import assign, assigned_scores, flat_labels, head_argmax, winning_scores
+from ..core.assign import assign, flat_labels, head_argmax, winning_scores
 from ..core.centers import ema_update, member_sums, running_mean_update
 from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step

@@ -82,8 +82,3 @@ def flat_labels(labels: Tensor, sizes: Sequence[int]) -> Tensor:
         return labels[:, 0]
     offsets = torch.as_tensor(head_offsets(sizes), device=labels.device)
     return (labels + offsets).T.reshape(-1)
-
-
-def assigned_scores(best: Tensor, labels: Tensor, bias: Tensor, sizes: Sequence[int]) -> Tensor:
-    """``s_{i, y_i}`` per head: the winning biased score minus the winner's bias."""
-    return best - bias[flat_labels(labels, sizes)].reshape(labels.shape[1], -1).T

@@ -32,4 +32,4 @@ def initial_centers(X: Tensor, n_clusters: int, method: str, rng: np.random.Rand
         idx = rng.choice(n, size=n_clusters, replace=False, p=p)
     else:  # pragma: no cover - validated by the estimator
         raise ValueError(f"unknown init method {method!r}")
-    return X[torch.as_tensor(np.sort(idx) if method == "random" else idx, device=X.device)].clone()
+    return X[torch.as_tensor(idx, device=X.device)].clone()
