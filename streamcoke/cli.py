@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="arrays: rows per sample; above 1, each sample is a block KEY.npy of shape "
                         "(rows, n_features) with its row numbers in KEY.ids.npy (reads much faster "
                         "than one row per sample)")
+    from .train.commands import add_parsers  # pretrain, embed, eval
+
+    add_parsers(sub)
     return parser
 
 
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return cluster(args)
     if args.command == "shards":
         return shards(args)
-    return 2  # pragma: no cover
+    return args.func(args)  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,260 @@
+"""``streamcoke pretrain``, ``streamcoke embed`` and ``streamcoke eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from ..io.checkpoint import atomic_write_bytes
+from .recipe import builtin_recipes, load_recipe
+
+DIGITS = "built-in digits (scikit-learn, 1797 images of 8x8 pixels)"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain an encoder on online constrained k-means pseudo-labels (CoKe)",
+        description="Pretrain an encoder with the CoKe recipe from WebDataset image shards (KEY.jpg, KEY.cls, "
+                    "KEY.idx as written by `streamcoke shards`). With no SHARDS, trains the small built-in CNN on "
+                    "scikit-learn's digits on the CPU and compares it with two baselines. Launch with torchrun for "
+                    "several GPUs.")
+    p.add_argument("shards", nargs="*", help="WebDataset shards (brace patterns allowed); none: built-in digits")
+    p.add_argument("--recipe", default=None,
+                   help=f"built-in recipe ({', '.join(builtin_recipes())}) or a .toml file; default: digits "
+                        "without SHARDS, imagenet-single with them")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="number of samples in the shards (indices run 0..N-1); required with SHARDS")
+    p.add_argument("--out", default="runs/pretrain", help="output folder (checkpoint, plots, gallery, scores)")
+    for name, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("image-size", int)):
+        p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
+    p.add_argument("--n-clusters", type=int, nargs="+", default=None, help="override the recipe's clusterings")
+    p.add_argument("--encoder", default=None, help="override the recipe's encoder ('small', 'resnet18', 'resnet50', ...)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default: CUDA when available")
+    p.add_argument("--num-workers", type=int, default=4, help="decoding processes per rank (shards only)")
+    p.add_argument("--shuffle-buffer", type=int, default=5000, help="samples in the shuffle buffer (shards only)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="undecodable images or missing fields: stop (default) or skip and count")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.st")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=pretrain)
+
+    e = sub.add_parser("embed", help="write encoder features of images with a pretrained checkpoint")
+    e.add_argument("checkpoint", help="checkpoint.st written by `streamcoke pretrain`")
+    e.add_argument("shards", nargs="*", help="WebDataset image shards; none: built-in digits")
+    e.add_argument("--out", required=True, help="Parquet file: key, index, target, feature")
+    _common_eval_args(e)
+    e.set_defaults(func=embed_command)
+
+    v = sub.add_parser("eval", help="k-NN, linear probe and clustering scores of a checkpoint's frozen features")
+    v.add_argument("checkpoint", help="checkpoint.st written by `streamcoke pretrain`")
+    v.add_argument("shards", nargs="*", help="labelled WebDataset image shards; none: built-in digits")
+    v.add_argument("--test", nargs="*", default=None,
+                   help="held-out shards: k-NN and linear probe train on SHARDS and test here "
+                        "(default: 5-fold cross-validation on SHARDS)")
+    v.add_argument("--n-clusters", type=int, default=None, help="clusters for ACC/NMI/ARI (default: classes)")
+    v.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _common_eval_args(v)
+    v.set_defaults(func=eval_command)
+
+
+def _common_eval_args(p) -> None:
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--quiet", action="store_true")
+
+
+# ---------------------------------------------------------------------------- distributed
+def _init_distributed(device_arg: str | None) -> torch.device | None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return torch.device(device_arg) if device_arg else None
+    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _say(msg: str) -> None:
+    if not distributed.is_distributed() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------ pretrain
+def pretrain(args: argparse.Namespace) -> int:
+    from .images import ImageShardSource, TensorImageSource, load_digits_images
+    from .trainer import CoKeTrainer
+
+    device = _init_distributed(args.device)
+    try:
+        digits = not args.shards
+        recipe = load_recipe(args.recipe or ("digits" if digits else "imagenet-single"))
+        recipe = recipe.replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                image_size=args.image_size, encoder=args.encoder,
+                                n_clusters=tuple(args.n_clusters) if args.n_clusters else None)
+        world = dist.get_world_size() if distributed.is_distributed() else 1
+        per_rank = recipe.batch_size // world
+        if digits:
+            images, targets = load_digits_images()
+            n_samples = len(images)
+            source = TensorImageSource(images, targets, batch_size=per_rank, seed=recipe.seed)
+            _say(f"data: {DIGITS}")
+        else:
+            if args.n_samples is None:
+                raise SystemExit("streamcoke pretrain: --n-samples is required with SHARDS (the number of "
+                                 "samples; the label memory is sized by it)")
+            n_samples = args.n_samples
+            source = ImageShardSource(args.shards if len(args.shards) > 1 else args.shards[0], per_rank,
+                                      load_size=recipe.load_size, shuffle_buffer=args.shuffle_buffer,
+                                      num_workers=args.num_workers, seed=recipe.seed, on_error=args.on_error,
+                                      pin_memory=torch.cuda.is_available())
+        out = Path(args.out)
+        ckpt = out / "checkpoint.st"
+        if args.resume:
+            if not ckpt.exists():
+                raise SystemExit(f"streamcoke pretrain: --resume, but there is no checkpoint at {ckpt}")
+            trainer = CoKeTrainer.load(ckpt, device=device, recipe=recipe)
+            _say(f"resuming from {ckpt} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
+        else:
+            trainer = CoKeTrainer(recipe, n_samples, device=device)
+        _say(f"recipe: {args.recipe or ('digits' if digits else 'imagenet-single')}; {recipe.epochs} epochs, "
+             f"batch {recipe.batch_size}, clusterings K = {', '.join(map(str, recipe.n_clusters))}, "
+             f"device {trainer.device}, {world} process(es)")
+        trainer.fit(source, out_dir=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+        skipped = getattr(source, "skipped", 0)
+        if skipped:
+            _say(f"skipped {skipped} bad samples (--on-error skip)")
+        _say(f"wrote {ckpt}, {out / 'training.png'}, {out / 'cluster_sizes.png'}, {out / 'gallery.png'}")
+        if digits and (not distributed.is_distributed() or dist.get_rank() == 0):
+            _digits_report(trainer, images, targets, out)
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _digits_report(trainer, images, targets, out: Path) -> dict:
+    """Scores of the trained encoder against k-means on raw pixels and the untrained encoder."""
+    from .evaluate import cluster_scores, evaluate_features
+    from .trainer import CoKeTrainer
+
+    y = targets.numpy()
+    raw = images.flatten(1).float().numpy()
+    untrained = CoKeTrainer(trainer.recipe, trainer.n_samples, device=trainer.device)
+    rows = {
+        "k-means on raw pixels": {"knn_top1": float("nan"), "linear_top1": float("nan"),
+                                  **cluster_scores(raw, y, 10)},
+        "untrained encoder": evaluate_features(_features(untrained, images), y),
+        "CoKe-trained encoder": evaluate_features(_features(trainer, images), y),
+    }
+    print(f"\n{'features':<24}{'k-NN top-1':>11}{'linear':>9}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
+    for name, s in rows.items():
+        print(f"{name:<24}{_fmt(s['knn_top1']):>11}{_fmt(s['linear_top1']):>9}"
+              f"{_fmt(s['ACC']):>8}{_fmt(s['NMI']):>8}{_fmt(s['ARI']):>8}")
+    print("(k-NN and linear probe: 5-fold cross-validated top-1; ACC/NMI/ARI: k-means with 10 clusters)")
+    atomic_write_bytes(out / "eval.json", json.dumps(rows, indent=2).encode())
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
+@torch.no_grad()
+def _features(trainer, images: torch.Tensor, batch: int = 512) -> np.ndarray:
+    model = trainer.feature_model()
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([trainer.encode(images[i:i + batch]).float().cpu()
+                          for i in range(0, len(images), batch)]).numpy()
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------------- embed, eval
+def _load_for_features(args):
+    from .trainer import CoKeTrainer
+
+    trainer = CoKeTrainer.load(args.checkpoint, device=args.device)
+    return trainer
+
+
+def _feature_batches(trainer, shards, args):
+    from .images import ImageShardSource, TensorImageSource, load_digits_images
+
+    if not shards:
+        images, targets = load_digits_images()
+        return TensorImageSource(images, targets, batch_size=args.batch_size, shuffle=False)
+    return ImageShardSource(shards if len(shards) > 1 else shards[0], args.batch_size,
+                            load_size=trainer.recipe.load_size, num_workers=args.num_workers,
+                            split_by_node=False)
+
+
+def _embed_all(trainer, shards, args):
+    from .evaluate import embed
+
+    batches = _feature_batches(trainer, shards, args)
+    keys: dict[int, str] = {}
+
+    def tracked():
+        for b in batches:
+            keys.update(zip(b.index.tolist(), b.keys))
+            yield b
+
+    feats, targets, index = embed(trainer.feature_model(), tracked(), device=trainer.device,
+                                  transform=trainer.input_transform, progress=not args.quiet)
+    return feats, targets, index, [keys[i] for i in index.tolist()]
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trainer = _load_for_features(args)
+    feats, targets, index, keys = _embed_all(trainer, args.shards, args)
+    table = pa.table({
+        "key": pa.array(keys, pa.string()), "index": pa.array(index), "target": pa.array(targets),
+        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(args.out, sink.getvalue().to_pybytes())
+    print(f"wrote {len(keys)} features of dimension {feats.shape[1]} to {args.out}")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .evaluate import cluster_scores, evaluate_features, knn_top1, linear_probe
+
+    trainer = _load_for_features(args)
+    feats, targets, _, _ = _embed_all(trainer, args.shards, args)
+    if (targets < 0).any():
+        raise SystemExit("streamcoke eval: some samples have no class label (.cls); evaluation needs them all")
+    if args.test:
+        tf, tt, _, _ = _embed_all(trainer, args.test, args)
+        scores = {"knn_top1": knn_top1(feats, targets, tf, tt), "linear_top1": linear_probe(feats, targets, tf, tt),
+                  **cluster_scores(tf, tt, args.n_clusters or len(np.unique(tt)))}
+        how = "trained on SHARDS, tested on --test"
+    else:
+        scores = evaluate_features(feats, targets, n_clusters=args.n_clusters)
+        how = "5-fold cross-validated"
+    where = "built-in digits" if not args.shards else f"{len(feats)} samples"
+    print(f"{where}: k-NN top-1 {scores['knn_top1']:.4f}, linear top-1 {scores['linear_top1']:.4f} ({how}); "
+          f"k-means ACC {scores['ACC']:.4f}, NMI {scores['NMI']:.4f}, ARI {scores['ARI']:.4f}")
+    if args.json:
+        atomic_write_bytes(args.json, json.dumps(scores, indent=2).encode())
+    return 0

@@ -1,0 +1,50 @@
+"""The trainer on two gloo processes: DDP + SyncBatchNorm, identical clusterers and label memories."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from streamcoke.train import CoKeTrainer, Recipe, TensorImageSource
+
+WORLD = 2
+RECIPE = dict(encoder="small", encoder_width=4, projection_dims=(16, 8), predictor_dims=(16, 8),
+              n_clusters=(3, 5), views="small", image_size=8, load_size=8, mean=(0.5,), std=(0.25,),
+              epochs=3, batch_size=16, optimizer="lars", lr=0.1, warmup_epochs=1, stage2_epoch=None,
+              precision="fp32", channels_last=False, seed=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        images = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        trainer = CoKeTrainer(Recipe(**RECIPE), n_samples=48, device="cpu")
+        assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+        trainer.fit(TensorImageSource(images, batch_size=RECIPE["batch_size"] // WORLD), progress=False)
+        tensors, _ = trainer.state()
+        torch.save({k: v for k, v in tensors.items() if not k.startswith("rng.")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_identical_state(tmp_path):
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0.keys() == r1.keys()
+    differing = [k for k in r0 if k != "cluster.labels" and not torch.equal(r0[k], r1[k])]
+    assert differing == []
+    # every rank's memory holds every sample's label, written from both ranks' rows
+    assert (r0["memory.labels"][(3 - 1) % 2] >= 0).all()
+    assert any(k.startswith("model.") and "running_mean" in k for k in r0)
