@@ -51,6 +51,17 @@ def scripts(size: str, device: str, out: Path) -> list[tuple[str, list[str], str
     for script, args in existing:
         args = args + (dev if script == "bench_partial_fit.py" else [])
         out_list.append((script, args, "river" if script == "bench_river.py" else None))
+    # The trainer against the bare forward-backward loop: ResNet-50 at 224 px on a GPU; on a CPU,
+    # the small encoder on 64 px images (about two minutes on 2 cores).
+    if size == "smoke":
+        trainer = ["--quick"]
+    elif device == "cpu":
+        trainer = ["--device", "cpu", "--encoder", "small", "--image-size", "64", "--batch-size", "128",
+                   "--n-clusters", "300", "400", "500", "--n-images", "1024", "--steps", "6"]
+    else:
+        trainer = ["--device", device]
+    name = "trainer_cpu.json" if device == "cpu" else "trainer.json"
+    out_list.append(("bench_trainer.py", trainer + ["--out", str(out / name)], None))
     return out_list
 
 

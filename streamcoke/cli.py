@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="arrays: rows per sample; above 1, each sample is a block KEY.npy of shape "
                         "(rows, n_features) with its row numbers in KEY.ids.npy (reads much faster "
                         "than one row per sample)")
+    s.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                   help="image folders: write the samples in a seeded random order so every shard mixes "
+                        "classes (indices stay in sorted order); recommended for training")
     from .train.commands import add_parsers  # pretrain, embed, eval
 
     add_parsers(sub)
@@ -348,10 +351,12 @@ def shards(args: argparse.Namespace) -> int:
     src = args.source
     if args.rows_per_sample < 1:
         raise SystemExit("streamcoke: --rows-per-sample must be at least 1")
+    if args.shuffle is not None and not (len(src) == 1 and src[0].is_dir()):
+        raise SystemExit("streamcoke: --shuffle applies to image folders")
     if len(src) == 1 and src[0].is_dir():
         if args.rows_per_sample != 1:
             raise SystemExit("streamcoke: --rows-per-sample applies to .npy arrays, not to image folders")
-        pattern = write_image_folder_shards(src[0], args.prefix, args.maxcount)
+        pattern = write_image_folder_shards(src[0], args.prefix, args.maxcount, shuffle_seed=args.shuffle)
     elif all(p.suffix == ".npy" for p in src):
         pattern = write_array_shards(src, args.prefix, args.maxcount, rows_per_sample=args.rows_per_sample)
     else:

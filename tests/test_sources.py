@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -279,7 +281,9 @@ def test_truncated_shard_missing_field_wrong_size(tmp_path, X):
         collect(WebDatasetSource(pattern, batch_size=16))
     h = SkipErrors()
     keys, _ = collect(WebDatasetSource(pattern, batch_size=16, handler=h))
-    assert h.count == 1 and keys[:40] == [f"{i:09d}" for i in range(40)] and keys[-23:] == \
+    # Cut inside a header: tarfile ends the shard there quietly, leaving the last sample without
+    # its features (one error); the missing end-of-archive marker is the second.
+    assert h.count == 2 and keys[:40] == [f"{i:09d}" for i in range(40)] and keys[-23:] == \
         [f"{i:09d}" for i in range(80, 103)]
 
     samples = [{"__key__": f"k{i}", "npy": X[i]} for i in range(6)]
@@ -298,6 +302,37 @@ def test_truncated_shard_missing_field_wrong_size(tmp_path, X):
 
     with pytest.raises(DataError, match=r"shape \(5,\), expected \(8,\).*sample 'k4'"):
         collect(WebDatasetSource(str(tmp_path / "m.tar"), handler=skip_missing_only))
+
+
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_shard_cut_at_a_header_is_not_taken_for_complete(tmp_path, X, layout):
+    # Cut exactly at a member's header, the file is a valid tar archive to tarfile: only the
+    # missing end-of-archive marker tells it lost its tail.
+    pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=40,
+                                 rows_per_sample=1 if layout == "rows" else 8)  # 40 + 40 + 23 rows
+    path = tmp_path / "f-000001.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    firsts = [m for i, m in enumerate(members)  # each sample's first member
+              if i == 0 or m.name.split(".")[0] != members[i - 1].name.split(".")[0]]
+    cut = firsts[len(firsts) // 2].offset
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    with tarfile.open(path, "r|") as tar:
+        assert 0 < len(tar.getnames()) < len(members)  # tarfile alone sees no damage
+    with pytest.raises(DataError, match=r"unreadable shard.*end-of-archive.*f-000001\.tar"):
+        collect(WebDatasetSource(pattern, batch_size=16))
+    h = SkipErrors()
+    ids, F = collect(WebDatasetSource(pattern, batch_size=16, handler=h))
+    ids = [int(i) for i in ids]
+    assert h.count == 1 and ids[:40] == list(range(40)) and ids[-23:] == list(range(80, 103))
+    assert 0 < len(ids) - 63 < 40 and ids[40:-23] == list(range(40, len(ids) - 23))  # read before the cut
+    np.testing.assert_array_equal(F, X[ids])
+
+    # A compressed shard ends with its compressor's marker, not zeros: it is not mistaken for cut.
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(data))
+    assert [int(i) for i in collect(WebDatasetSource(str(tmp_path / "z.tar.gz"), batch_size=16))[0]] == \
+        list(range(40, 80))
 
 
 def test_split_by_node_and_worker_are_disjoint(tmp_path, X, monkeypatch):
@@ -331,6 +366,11 @@ def test_image_folder_shards_and_encoder(tmp_path):
     assert [int(s["cls"]) for s in samples] == [0] * 5 + [1] * 5
     assert [int(s["idx"]) for s in samples] == list(range(10))
     assert samples[0]["jpg"] == (tmp_path / "img" / "a_cat" / "x.0.jpg").read_bytes()  # not re-encoded
+    mixed = write_image_folder_shards(tmp_path / "img", str(tmp_path / "mix" / "train"), maxcount=4, shuffle_seed=0)
+    shuffled = list(wds.WebDataset(mixed, shardshuffle=False))
+    by_key = {s["__key__"]: (int(s["cls"]), int(s["idx"]), s["jpg"]) for s in samples}
+    assert {s["__key__"]: (int(s["cls"]), int(s["idx"]), s["jpg"]) for s in shuffled} == by_key
+    assert [s["__key__"] for s in shuffled] != [s["__key__"] for s in samples]  # same samples, mixed order
     encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     with pytest.raises(ValueError, match="encoder"):
         WebDatasetSource(pattern, field="jpg")

@@ -26,6 +26,7 @@ import webdataset as wds
 from torch import Tensor
 
 from .batch import Batch, DataError, finite_rows, raise_errors, report, to_device
+from .tar_check import tar_end_missing
 
 IDS_FIELD = "ids.npy"  # the ids of a block of rows, beside its features (KEY.npy)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "webp", "tif", "tiff")
@@ -169,7 +170,8 @@ class _Decode:
 
 def _tar_samples(handler: Callable):
     """Pipeline stage: shard urls -> samples; a truncated or corrupt shard is reported with its
-    name and the last good key, and the rest of that shard is skipped."""
+    name and the last good key, and the rest of that shard is skipped. A local shard cut at a
+    member's header, which tarfile reads as complete, is caught by its missing end marker."""
 
     def stage(shards):
         for shard in shards:
@@ -178,6 +180,8 @@ def _tar_samples(handler: Callable):
                 for sample in wds.tarfile_samples([dict(shard)]):
                     last = sample["__key__"]
                     yield sample
+                if tar_end_missing(url):
+                    raise EOFError("no end-of-archive marker: the file is truncated")
             except Exception as exc:
                 msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
                 report(handler, DataError(msg + (f" after sample {last!r}" if last else ""), source=url))

@@ -62,23 +62,27 @@ def _write(samples: Iterable[dict], prefix: str, maxcount: int) -> str:
     return f"{prefix}-{{000000..{n - 1:06d}}}.tar" if n > 1 else writer.written[0]
 
 
-def image_folder_samples(root: str | os.PathLike) -> Iterator[dict]:
+def image_folder_samples(root: str | os.PathLike, shuffle_seed: int | None = None) -> Iterator[dict]:
     """Samples of an image folder of class sub-folders: ``KEY.jpg`` (the file's bytes, not
     re-encoded), ``KEY.cls`` (class index, sorted folder names) and ``KEY.idx`` (running index
     in sorted order). KEY is ``class/stem``, with dots in the stem replaced by underscores
-    (webdataset splits keys from extensions at the first dot)."""
+    (webdataset splits keys from extensions at the first dot).
+
+    ``shuffle_seed`` writes the samples in a seeded random order (their ``idx`` stays the
+    sorted one), so that every shard holds a mix of classes: a reader's shuffle buffer then
+    needs to hold far fewer samples to give well-mixed batches."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class folders (expected ROOT/CLASS/IMAGE.jpg)")
-    idx = 0
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix in IMAGE_SUFFIXES and p.is_file())
-        for f in files:
-            ext = "jpg" if f.suffix.lower() in (".jpg", ".jpeg") else f.suffix.lower()[1:]
-            yield {"__key__": f"{name}/{f.stem.replace('.', '_')}", ext: f.read_bytes(),
-                   "cls": str(c).encode(), "idx": str(idx).encode()}
-            idx += 1
+    entries = [(c, name, f) for c, name in enumerate(classes)
+               for f in sorted(p for p in (root / name).iterdir() if p.suffix in IMAGE_SUFFIXES and p.is_file())]
+    order = range(len(entries)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(entries))
+    for idx in order:
+        c, name, f = entries[idx]
+        ext = "jpg" if f.suffix.lower() in (".jpg", ".jpeg") else f.suffix.lower()[1:]
+        yield {"__key__": f"{name}/{f.stem.replace('.', '_')}", ext: f.read_bytes(),
+               "cls": str(c).encode(), "idx": str(int(idx)).encode()}
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -119,8 +123,9 @@ def array_samples(arrays: Sequence, rows_per_sample: int = 1) -> Iterator[dict]:
                 idx += 1
 
 
-def write_image_folder_shards(root, prefix: str, maxcount: int = 10000) -> str:
+def write_image_folder_shards(root, prefix: str, maxcount: int = 10000, shuffle_seed: int | None = None) -> str:
     """Convert an image folder to shards of ``maxcount`` samples; returns their brace pattern.
+    ``shuffle_seed`` mixes the classes across shards (see :func:`image_folder_samples`).
 
     Examples
     --------
@@ -134,7 +139,7 @@ def write_image_folder_shards(root, prefix: str, maxcount: int = 10000) -> str:
     >>> write_image_folder_shards(f"{d}/img", f"{d}/shards/train", maxcount=4).endswith("train-{000000..000001}.tar")
     True
     """
-    return _write(image_folder_samples(root), str(prefix), maxcount)
+    return _write(image_folder_samples(root, shuffle_seed), str(prefix), maxcount)
 
 
 def write_array_shards(arrays, prefix: str, maxcount: int = 100000, rows_per_sample: int = 1) -> str:

@@ -25,6 +25,7 @@ import webdataset as wds
 from torch import Tensor
 
 from ..data.batch import DataError
+from ..data.tar_check import tar_end_missing
 from ..data.webdataset_source import IMAGE_EXTENSIONS
 from ..distributed import is_distributed
 
@@ -98,21 +99,6 @@ def _fail(skip: bool, err: DataError) -> _Skipped:
     return _Skipped(1)
 
 
-def _tar_end_missing(url: str) -> bool:
-    """True when ``url`` is a local file that does not end with a tar end-of-archive marker
-    (two zero blocks). Python's tarfile, reading a stream, takes a file cut at a header
-    boundary for a complete one; this catches that silent loss. Remote shards are not checked."""
-    path = url[5:] if url.startswith("file:") else url
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size < 1024:
-            return True
-        f.seek(size - 1024)
-        return f.read(1024).count(0) != 1024
-
-
 class _ReadShards:
     """Pipeline stage: shard urls -> raw samples. A truncated or corrupt shard is an error that
     names it and the last good key; when skipping, the rest of that shard is dropped."""
@@ -127,7 +113,7 @@ class _ReadShards:
                 for sample in wds.tarfile_to_samples()(iter([dict(shard)])):
                     last = sample["__key__"]
                     yield sample
-                if _tar_end_missing(url):
+                if tar_end_missing(url):
                     raise EOFError("no end-of-archive marker: the file is truncated")
             except Exception as exc:
                 msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"

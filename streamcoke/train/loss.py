@@ -37,13 +37,10 @@ def coke_loss(z: Tensor, centers: Tensor, head_sizes: Sequence[int], targets: Te
     if isinstance(targets, Tensor):
         if targets.ndim != 2 or targets.shape != (z.shape[0], len(head_sizes)):
             raise ValueError(f"targets have shape {tuple(targets.shape)}, expected ({z.shape[0]}, {len(head_sizes)})")
-        losses = []
-        for h, lg in enumerate(logits):
-            t = targets[:, h]
-            if bool((t != IGNORE).any()):
-                losses.append(F.cross_entropy(lg, t, ignore_index=IGNORE))
-        if not losses:  # nothing labelled in this batch: a zero that still carries the graph
-            return z.sum() * 0.0
+        # Mean over the labelled rows of each clustering, without a host sync to find them; a
+        # clustering with none contributes zero.
+        losses = [F.cross_entropy(lg, targets[:, h], ignore_index=IGNORE, reduction="sum")
+                  / (targets[:, h] != IGNORE).sum().clamp_min(1) for h, lg in enumerate(logits)]
         return torch.stack(losses).mean()
     if len(targets) != len(head_sizes):
         raise ValueError(f"got {len(targets)} soft-target tensors for {len(head_sizes)} clusterings")

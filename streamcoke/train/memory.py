@@ -8,8 +8,6 @@ epoch, being written, and the ``history`` completed epochs before it, which are 
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
@@ -52,9 +50,11 @@ class LabelMemory:
                              "(set n_samples to the number of samples, or rewrite the shards with "
                              "`streamcoke shards` so indices run from 0 to N-1)")
 
-    def write(self, index: Tensor, labels: Tensor) -> None:
-        """Record this epoch's labels (B, n_heads) of the samples ``index`` (B,)."""
-        self.check_index(index)
+    def write(self, index: Tensor, labels: Tensor, *, checked: bool = False) -> None:
+        """Record this epoch's labels (B, n_heads) of the samples ``index`` (B,); ``checked``
+        skips the range check (a host sync on a GPU) for indices already checked."""
+        if not checked:
+            self.check_index(index)
         self.labels[self.epoch % self._slots, index.to(self.labels.device)] = labels.to(self.labels)
 
     def previous(self, index: Tensor) -> Tensor:
@@ -93,10 +93,3 @@ class LabelMemory:
         self.labels = labels.to(self.labels.device, torch.int64).clone()
         self.epoch = int(state["epoch"])
 
-
-def head_offsets(head_sizes: Sequence[int]) -> list[int]:
-    out, acc = [], 0
-    for k in head_sizes:
-        out.append(acc)
-        acc += k
-    return out

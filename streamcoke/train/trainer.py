@@ -117,6 +117,8 @@ class CoKeTrainer:
             net = net.to(memory_format=torch.channels_last)
         self.network = net
         self.model = net
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
         if self.world > 1:
             if self.device.type == "cuda":  # SyncBatchNorm runs on CUDA only
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -166,8 +168,7 @@ class CoKeTrainer:
 
     def train_step(self, images: Tensor, index: Tensor) -> StepStats:
         """One step on a batch of uint8 images (B, C, H, W) with their sample indices (B,)."""
-        r = self.recipe
-        self.memory.check_index(index)
+        self.memory.check_index(index)  # on the host, before anything changes
         images = images.to(self.device, non_blocking=True)
         index = index.to(self.device, non_blocking=True)
         views = self.augment(images, self.generator)
@@ -177,37 +178,37 @@ class CoKeTrainer:
             group["lr"] = lr
         with torch.set_grad_enabled(learn), self._autocast():
             outs = self._forward(views)
-        z_first = outs[0][0].detach().float()
-        assign_index = index
-        if not self.clusterer.__sklearn_is_fitted__():
-            # Seeding needs at least as many rows as the largest clustering has clusters, which
-            # may exceed a batch (K = 5000, batch 1024): hold batches back until there are enough.
-            self._pending.append((z_first, index))
-            held, = distributed.all_reduce_sum(torch.tensor([sum(len(i) for _, i in self._pending)]))
-            if int(held) < max(r.n_clusters):
-                self.step_in_epoch += 1
-                self.global_step += 1
-                return StepStats(float("nan"), 0.0)
-            z_first = torch.cat([z for z, _ in self._pending])
-            assign_index = torch.cat([i for _, i in self._pending])
-            self._pending = []
-        self.clusterer.partial_fit(z_first)
-        labels = self.clusterer.labels_
-        all_index = distributed.all_gather_rows(assign_index.unsqueeze(1))[:, 0]
-        all_labels = distributed.all_gather_rows(labels)
-        labelled = 0.0
-        loss_value = float("nan")
+        loss = labelled = None
         if learn:
+            # The loss needs only last epoch's labels and centers, so the backward pass is queued
+            # before the clustering step, whose host sync then overlaps the GPU's work.
             targets, centers, labelled = self._targets(index)
             loss = self._loss(outs, targets, centers)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_value = float(loss.detach())
-        self.memory.write(all_index, all_labels)
+        self._cluster(outs[0][0].detach().float(), index)
         self.step_in_epoch += 1
         self.global_step += 1
-        return StepStats(loss_value, labelled)
+        return StepStats(float("nan") if loss is None else float(loss.detach()),
+                         0.0 if labelled is None else float(labelled))
+
+    def _cluster(self, z: Tensor, index: Tensor) -> None:
+        """Assign the first view's projections online and record the labels in the memory."""
+        if not self.clusterer.__sklearn_is_fitted__():
+            # Seeding needs at least as many rows as the largest clustering has clusters, which
+            # may exceed a batch (K = 5000, batch 1024): hold batches back until there are enough.
+            self._pending.append((z, index))
+            held, = distributed.all_reduce_sum(torch.tensor([sum(len(i) for _, i in self._pending)]))
+            if int(held) < max(self.recipe.n_clusters):
+                return
+            z = torch.cat([p for p, _ in self._pending])
+            index = torch.cat([i for _, i in self._pending])
+            self._pending = []
+        self.clusterer.partial_fit(z)
+        all_index = distributed.all_gather_rows(index.unsqueeze(1))[:, 0]
+        all_labels = distributed.all_gather_rows(self.clusterer.labels_)
+        self.memory.write(all_index, all_labels, checked=True)
 
     def _forward(self, views: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """(z, p) per view; views of the same size go through the network together."""
@@ -227,11 +228,11 @@ class CoKeTrainer:
             recent = self.memory.recent(index)  # (B, m, H)
             targets = [sharpened_histogram(recent[:, :, h], k, self.recipe.stage2_temperature)
                        for h, k in enumerate(sizes)]
-            labelled = float((recent[:, 0, 0] != IGNORE).float().mean())
+            labelled = (recent[:, 0, 0] != IGNORE).float().mean()
             centers = F.normalize(torch.stack(self.center_history).mean(0), dim=1)
         else:
             targets = self.memory.previous(index)
-            labelled = float((targets[:, 0] != IGNORE).float().mean())
+            labelled = (targets[:, 0] != IGNORE).float().mean()
             centers = torch.cat(self.clusterer.published_centers_)
         return targets, centers, labelled
 
@@ -287,12 +288,12 @@ class CoKeTrainer:
         """One pass over ``source`` (the rest of it, after a mid-epoch resume), then the boundary."""
         source.set_epoch(self.epoch)
         skip = self.step_in_epoch
-        losses, labelled, n_images = [], [], 0
+        losses, labelled, n_images, shown = [], [], 0, 0.0
         start = time.perf_counter()
         self._gallery = {}
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {self.epoch}", unit="step",
                    disable=not progress or self.rank != 0, dynamic_ncols=True)
-        for i, batch in enumerate(source):
+        for i, batch in enumerate(_lockstep(source, self.device) if self.world > 1 else source):
             if i < skip:
                 continue
             stats = self.train_step(batch.images, batch.index)
@@ -303,9 +304,11 @@ class CoKeTrainer:
             if keep_gallery:
                 self._keep_for_gallery(batch)
             elapsed = time.perf_counter() - start
-            lo, hi = self.size_spread()
-            bar.set_postfix_str(f"{n_images / max(elapsed, 1e-9):.0f} img/s, loss {stats.loss:.3f}, "
-                                f"sizes x{lo:.2f}..x{hi:.2f} of uniform", refresh=False)
+            if bar.disable is False and elapsed - shown > 1.0:  # the size spread costs device syncs
+                shown = elapsed
+                lo, hi = self.size_spread()
+                bar.set_postfix_str(f"{n_images / max(elapsed, 1e-9):.0f} img/s, loss {stats.loss:.3f}, "
+                                    f"sizes x{lo:.2f}..x{hi:.2f} of uniform", refresh=False)
             bar.update(1)
         bar.close()
         if self.step_in_epoch == 0 and skip == 0:
@@ -454,6 +457,26 @@ class CoKeTrainer:
 
     def feature_model(self) -> nn.Module:
         return self.network.encoder
+
+
+def _lockstep(source, device):
+    """Batches of ``source``, ending every rank's pass when the first rank's ends: ranks read
+    whole shards, which need not divide evenly over them (1282 shards over 8 GPUs), and DDP
+    needs every rank to take the same number of steps."""
+    batches = iter(source)
+    collective = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    try:
+        while True:
+            batch = next(batches, None)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=collective)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                return
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 # Settings a resumed run may change without invalidating its state.

@@ -1,0 +1,22 @@
+"""The example scripts run as shipped (their --dry-run paths, on the CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_pretrain_imagenet_dry_run_trains_resumes_and_scores(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(EXAMPLES / "pretrain_imagenet.py"), "--dry-run", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "from scratch" in first.stdout and "k-NN top-1" in first.stdout
+    for name in ("checkpoint.st", "training.png", "cluster_sizes.png", "knn.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert 0.0 <= json.loads((out / "knn.json").read_text())["knn_top1"] <= 1.0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the run is done: resumes, scores
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at epoch 2" in again.stdout and "k-NN top-1" in again.stdout
