@@ -71,6 +71,9 @@ class ViewSpec:
         Rotation drawn from ``[-max_rotation, max_rotation]`` degrees.
     max_translate : float, default=0.0
         Shift drawn from ``[-max_translate, max_translate]`` of ``size``, on each axis.
+    padding : {"border", "zeros"}, default="border"
+        What a view shows outside the image: its edge pixels repeated (photos), or black
+        (images drawn on a black background, such as the digits).
     """
 
     size: int
@@ -88,6 +91,7 @@ class ViewSpec:
     solarize: float = 0.0
     max_rotation: float = 0.0
     max_translate: float = 0.0
+    padding: str = "border"
 
     def __post_init__(self):
         try:
@@ -121,6 +125,8 @@ class ViewSpec:
             raise ValueError(f"ViewSpec.max_rotation is in degrees: in [0, 180], got {self.max_rotation!r}")
         if not 0 <= self.max_translate <= 1:
             raise ValueError(f"ViewSpec.max_translate is a fraction of size: in [0, 1], got {self.max_translate!r}")
+        if self.padding not in ("border", "zeros"):
+            raise ValueError(f"ViewSpec.padding must be 'border' or 'zeros', got {self.padding!r}")
 
     @property
     def blur_kernel(self) -> int:
@@ -147,9 +153,9 @@ def imagenet_views(kind: str = "single") -> list[ViewSpec]:
 
 def small_image_views(size: int, n_views: int = 1) -> list[ViewSpec]:
     """Views of tiny grey images such as 8x8 digits: mild crops, rotations and shifts, no flip
-    (digits are not mirror-symmetric) and no colour operations."""
+    (digits are not mirror-symmetric), no colour operations, black outside the image."""
     spec = ViewSpec(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), hflip=0.0, color_jitter=0.0, grayscale=0.0,
-                    max_rotation=12.0, max_translate=0.1)
+                    max_rotation=12.0, max_translate=0.1, padding="zeros")
     return [spec] * int(n_views)
 
 
@@ -285,8 +291,8 @@ def augment_view(x: Tensor, spec: ViewSpec, u: Tensor) -> Tensor:
     tx, ty = (2 * u[:, _TX] - 1) * spec.max_translate, (2 * u[:, _TY] - 1) * spec.max_translate
     theta = affine_theta(cx, cy, w, h, height, width, flip, angle, tx, ty)
     grid = F.affine_grid(theta, [n, ch, spec.size, spec.size], align_corners=False)
-    # "border": an upsampled crop's edge pixels repeat the edge instead of fading to black
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # "border": a rotated or shifted photo's corners repeat its edge instead of turning black
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode=spec.padding, align_corners=False)
 
     rgb = ch == 3
     if spec.color_jitter > 0:

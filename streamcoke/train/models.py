@@ -62,16 +62,19 @@ class CoKeNetwork(nn.Module):
     """Encoder, projection MLP and predictor MLP.
 
     ``forward`` returns the L2-normalised projection (what the clusterer sees) and the
-    L2-normalised prediction (what the loss sees); ``predictor_dims=None`` drops the
-    predictor and the loss then uses the projection.
+    L2-normalised prediction (what the loss sees). Empty or None ``projection_dims`` clusters
+    the encoder's output itself; empty or None ``predictor_dims`` drops the predictor, and the
+    loss then uses the projection.
     """
 
-    def __init__(self, encoder: nn.Module, encoder_dim: int, projection_dims: Sequence[int] = (2048, 2048, 128),
+    def __init__(self, encoder: nn.Module, encoder_dim: int, projection_dims: Sequence[int] | None = (2048, 2048, 128),
                  predictor_dims: Sequence[int] | None = (2048, 128)):
         super().__init__()
         self.encoder = encoder
-        self.projector = mlp([encoder_dim, *projection_dims])
-        dim = projection_dims[-1]
+        projection_dims = tuple(projection_dims or ())
+        predictor_dims = tuple(predictor_dims) if predictor_dims else None
+        self.projector = mlp([encoder_dim, *projection_dims]) if projection_dims else nn.Identity()
+        dim = projection_dims[-1] if projection_dims else encoder_dim
         self.predictor = None if predictor_dims is None else mlp([dim, *predictor_dims], last_bn=False)
         if predictor_dims is not None and predictor_dims[-1] != dim:
             raise ValueError(f"predictor_dims must end at the projection width {dim}, got {tuple(predictor_dims)}")

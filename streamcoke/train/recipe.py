@@ -32,11 +32,13 @@ class Recipe:
     projection_dims: tuple[int, ...] = (2048, 2048, 128)
     predictor_dims: tuple[int, ...] | None = (2048, 128)
     predictor_weight: float = 1.0  # loss weight of the predictor branch; the rest goes to the projection
+    # (empty projection_dims: cluster the encoder's output; empty predictor_dims: no predictor)
     # clustering
     n_clusters: tuple[int, ...] = (3000, 4000, 5000)
     min_size_ratio: float = 0.4
     temperature: float = 0.1
     # data and views
+    label_view: str = "first"  # what the clusterer assigns: the first augmented view, or the "clean" image
     views: str = "single"  # single | two | multicrop (ImageNet) | small (tiny grey images)
     image_size: int = 224
     load_size: int = 256
@@ -76,6 +78,10 @@ class Recipe:
             problems.append("temperatures must be positive")
         if not 0 <= self.predictor_weight <= 1:
             problems.append(f"predictor_weight must be in [0, 1], got {self.predictor_weight}")
+        if not self.predictor_dims:
+            object.__setattr__(self, "predictor_dims", None)
+        if self.label_view not in ("first", "clean"):
+            problems.append(f"label_view must be 'first' or 'clean', got {self.label_view!r}")
         if self.predictor_dims is None and self.predictor_weight > 0:
             object.__setattr__(self, "predictor_weight", 0.0)
         if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
@@ -94,7 +100,8 @@ class Recipe:
         return len(self.mean)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else ([] if v is None and k == "predictor_dims" else v)
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "recipe") -> "Recipe":

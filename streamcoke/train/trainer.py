@@ -4,9 +4,10 @@ One step (ALGORITHM.md section 2):
 
 1. the batch's images are augmented on the training device into one or more views;
 2. the network maps every view to an L2-normalised projection z and prediction p;
-3. the projections of the first view are assigned by the online constrained k-means of every
-   clustering (one multiply for all of them); the labels go into the label memory under the
-   samples' stable indices, for use in the next epoch;
+3. the projections of the first view (or of the un-augmented image, ``label_view="clean"``)
+   are assigned by the online constrained k-means of every clustering (one multiply for all of
+   them); the labels go into the label memory under the samples' stable indices, for use in
+   the next epoch;
 4. the loss is the cross-entropy of ``softmax(<p, c> / T)`` against each sample's label of the
    previous epoch, with the centers published at the last epoch boundary as fixed class
    weights (soft labels from the last few epochs in stage two). Epoch 0 only clusters.
@@ -176,8 +177,15 @@ class CoKeTrainer:
         lr = self.lr_at(self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.recipe.label_view == "clean":
+            # Assign the un-augmented image: its labels keep the structure the encoder already has
+            # instead of the augmentation's noise (on small data sets, where few epochs are run).
+            with torch.no_grad(), self._autocast():
+                z_label = self.network(self.input_transform(images))[0].float()
         with torch.set_grad_enabled(learn), self._autocast():
             outs = self._forward(views)
+        if self.recipe.label_view == "first":
+            z_label = outs[0][0].detach().float()
         loss = labelled = None
         if learn:
             # The loss needs only last epoch's labels and centers, so the backward pass is queued
@@ -187,7 +195,7 @@ class CoKeTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        self._cluster(outs[0][0].detach().float(), index)
+        self._cluster(z_label, index)
         self.step_in_epoch += 1
         self.global_step += 1
         return StepStats(float("nan") if loss is None else float(loss.detach()),
@@ -453,7 +461,8 @@ class CoKeTrainer:
             x = F.interpolate(x, size=self.recipe.image_size, mode="bilinear", antialias=True, align_corners=False)
         mean = torch.tensor(self.recipe.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.recipe.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.recipe.channels_last else x
 
     def feature_model(self) -> nn.Module:
         return self.network.encoder
