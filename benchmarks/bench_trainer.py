@@ -29,7 +29,8 @@ JPEGs, ``--n-images`` of them, read repeatedly as needed). They decode faster th
 ImageNet's photos (about 400 x 350 px on average), so the data-loader row is optimistic for
 ImageNet; raise ``--source-size`` to see the difference. No shuffle buffer is used (in the
 steady state it costs a list swap per sample; filling it only delays the start of a pass).
-cuDNN settings are torch's defaults for both loops: the trainer does not change them.
+cuDNN's autotuner (``torch.backends.cudnn.benchmark``, a process-wide flag) is switched on by
+the trainer on CUDA, so both loops run with it.
 
     python benchmarks/bench_trainer.py                      # ResNet-50, 224 px, batch 256 on the GPU
     python benchmarks/bench_trainer.py --device cpu --encoder small --image-size 64 --batch-size 128 \\

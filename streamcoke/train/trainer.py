@@ -207,7 +207,7 @@ class CoKeTrainer:
             # Seeding needs at least as many rows as the largest clustering has clusters, which
             # may exceed a batch (K = 5000, batch 1024): hold batches back until there are enough.
             self._pending.append((z, index))
-            held, = distributed.all_reduce_sum(torch.tensor([sum(len(i) for _, i in self._pending)]))
+            held, = distributed.all_reduce_sum(torch.tensor([sum(len(i) for _, i in self._pending)], device=z.device))
             if int(held) < max(self.recipe.n_clusters):
                 return
             z = torch.cat([p for p, _ in self._pending])
