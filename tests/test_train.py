@@ -132,9 +132,9 @@ def test_stage_two_trains_on_soft_labels_and_averaged_centers():
 
 
 def test_two_views_and_projection_branch():
-    recipe = tiny(predictor_weight=0.5)
+    recipe = tiny(predictor_weight=0.5, small_views=2)
     trainer = CoKeTrainer(recipe, n_samples=24, device="cpu")
-    trainer.augment.views = trainer.augment.views * 2
+    assert len(trainer.augment.views) == 2
     trainer.fit(TensorImageSource(images(), batch_size=8), epochs=2, progress=False)
     assert np.isfinite(trainer.history[-1]["loss"])
 
@@ -196,3 +196,24 @@ def test_trains_from_jpeg_shards_and_writes_report(tmp_path):
     assert len(history) == 3 and trainer.memory.coverage() == 1.0
     for name in ("checkpoint.st", "training.png", "cluster_sizes.png", "gallery.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
+
+
+def test_torchvision_resnet_encoder_trains():
+    pytest.importorskip("torchvision")
+    recipe = tiny(encoder="resnet18", projection_dims=(64, 16), predictor_dims=(64, 16), image_size=32,
+                  load_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), views="single", epochs=2)
+    trainer = CoKeTrainer(recipe, n_samples=16, device="cpu")
+    data = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+    trainer.fit(TensorImageSource(data, batch_size=8), progress=False)
+    assert np.isfinite(trainer.history[-1]["loss"])
+    assert trainer.encode(data[:4]).shape == (4, 512)
+
+
+@pytest.mark.gpu
+def test_trainer_on_cuda_with_bfloat16():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    recipe = tiny(precision="bf16", channels_last=True)
+    trainer = CoKeTrainer(recipe, n_samples=24, device="cuda")
+    trainer.fit(TensorImageSource(images(), batch_size=8), progress=False)
+    assert np.isfinite(trainer.history[-1]["loss"]) and trainer.clusterer.device_.type == "cuda"

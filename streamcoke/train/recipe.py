@@ -40,6 +40,7 @@ class Recipe:
     # data and views
     label_view: str = "first"  # what the clusterer assigns: the first augmented view, or the "clean" image
     views: str = "single"  # single | two | multicrop (ImageNet) | small (tiny grey images)
+    small_views: int = 1  # number of views of kind "small"
     image_size: int = 224
     load_size: int = 256
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -80,6 +81,8 @@ class Recipe:
             problems.append(f"predictor_weight must be in [0, 1], got {self.predictor_weight}")
         if not self.predictor_dims:
             object.__setattr__(self, "predictor_dims", None)
+        if self.small_views < 1:
+            problems.append(f"small_views must be >= 1, got {self.small_views}")
         if self.label_view not in ("first", "clean"):
             problems.append(f"label_view must be 'first' or 'clean', got {self.label_view!r}")
         if self.predictor_dims is None and self.predictor_weight > 0:

@@ -52,7 +52,7 @@ THUMBNAIL = 64
 def recipe_views(recipe: Recipe) -> list[ViewSpec]:
     """The augmentation views a recipe asks for."""
     if recipe.views == "small":
-        return small_image_views(recipe.image_size)
+        return small_image_views(recipe.image_size, recipe.small_views)
     views = imagenet_views(recipe.views)
     if recipe.image_size != 224:  # a smaller run of an ImageNet recipe: scale every view
         views = [ViewSpec(**{**v.__dict__, "size": max(8, round(v.size * recipe.image_size / 224))}) for v in views]
@@ -300,7 +300,7 @@ class CoKeTrainer:
         start = time.perf_counter()
         self._gallery = {}
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {self.epoch}", unit="step",
-                   disable=not progress or self.rank != 0, dynamic_ncols=True)
+                   disable=not progress or self.rank != 0, dynamic_ncols=True, leave=False)
         for i, batch in enumerate(_lockstep(source, self.device) if self.world > 1 else source):
             if i < skip:
                 continue
@@ -328,6 +328,9 @@ class CoKeTrainer:
                "min_share": lo, "max_share": hi, "labelled": float(np.mean(labelled)) if labelled else 0.0,
                "seconds": elapsed}
         self.history.append(row)
+        if progress and self.rank == 0:
+            tqdm.write(f"epoch {row['epoch']}: loss {row['loss']:.4f}, lr {row['lr']:.4g}, "
+                       f"{row['images_per_s']:.0f} img/s, cluster sizes x{lo:.2f}..x{hi:.2f} of uniform")
         self.end_epoch()
         return row
 
