@@ -1,4 +1,5 @@
-"""A check that a tar shard on disk is complete, shared by the feature and image shard sources.
+"""Reading one tar shard, with a check that it is complete; shared by the feature and image
+shard sources.
 
 Python's :mod:`tarfile`, reading a stream as webdataset does, stops quietly at the end of the
 data: a shard cut exactly at a member's header reads as a complete archive holding fewer
@@ -9,6 +10,11 @@ samples. A complete tar file ends with an end-of-archive marker, two blocks of 5
 from __future__ import annotations
 
 import os
+from typing import Iterator
+
+import webdataset as wds
+
+from .batch import DataError
 
 END_OF_ARCHIVE = 1024  # two zero blocks of 512 bytes
 
@@ -51,3 +57,19 @@ def tar_end_missing(url: str) -> bool:
             return True
         f.seek(size - END_OF_ARCHIVE)
         return f.read(END_OF_ARCHIVE).count(0) != END_OF_ARCHIVE
+
+
+def shard_samples(shard: dict) -> Iterator[dict]:
+    """The samples of one shard (``{"url": ...}``, a webdataset shard-list item). A corrupt or
+    truncated shard raises :class:`DataError` naming it and its last good sample key, after
+    the samples read before the damage."""
+    url, last = shard["url"], None
+    try:
+        for sample in wds.tarfile_samples([dict(shard)]):
+            last = sample["__key__"]
+            yield sample
+        if tar_end_missing(url):
+            raise EOFError("no end-of-archive marker: the file is truncated")
+    except Exception as exc:
+        msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
+        raise DataError(msg + (f" after sample {last!r}" if last else ""), source=url) from None

@@ -26,7 +26,7 @@ import webdataset as wds
 from torch import Tensor
 
 from .batch import Batch, DataError, finite_rows, raise_errors, report, to_device
-from .tar_check import tar_end_missing
+from .tar_check import shard_samples
 
 IDS_FIELD = "ids.npy"  # the ids of a block of rows, beside its features (KEY.npy)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "webp", "tif", "tiff")
@@ -175,16 +175,10 @@ def _tar_samples(handler: Callable):
 
     def stage(shards):
         for shard in shards:
-            url, last = shard["url"], None
             try:
-                for sample in wds.tarfile_samples([dict(shard)]):
-                    last = sample["__key__"]
-                    yield sample
-                if tar_end_missing(url):
-                    raise EOFError("no end-of-archive marker: the file is truncated")
-            except Exception as exc:
-                msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
-                report(handler, DataError(msg + (f" after sample {last!r}" if last else ""), source=url))
+                yield from shard_samples(shard)
+            except DataError as err:
+                report(handler, err)
 
     return stage
 

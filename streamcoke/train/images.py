@@ -25,7 +25,7 @@ import webdataset as wds
 from torch import Tensor
 
 from ..data.batch import DataError
-from ..data.tar_check import tar_end_missing
+from ..data.tar_check import shard_samples
 from ..data.webdataset_source import IMAGE_EXTENSIONS
 from ..distributed import is_distributed
 
@@ -108,16 +108,10 @@ class _ReadShards:
 
     def __call__(self, shards):
         for shard in shards:
-            url, last = shard["url"], None
             try:
-                for sample in wds.tarfile_to_samples()(iter([dict(shard)])):
-                    last = sample["__key__"]
-                    yield sample
-                if tar_end_missing(url):
-                    raise EOFError("no end-of-archive marker: the file is truncated")
-            except Exception as exc:
-                msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
-                yield _fail(self.skip, DataError(msg + (f" after sample {last!r}" if last else ""), source=url))
+                yield from shard_samples(shard)
+            except DataError as err:
+                yield _fail(self.skip, err)
 
 
 class _Shuffle:
