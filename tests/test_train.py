@@ -217,3 +217,14 @@ def test_trainer_on_cuda_with_bfloat16():
     trainer = CoKeTrainer(recipe, n_samples=24, device="cuda")
     trainer.fit(TensorImageSource(images(), batch_size=8), progress=False)
     assert np.isfinite(trainer.history[-1]["loss"]) and trainer.clusterer.device_.type == "cuda"
+
+
+@pytest.mark.parametrize("views, n_views", [("two", 2), ("multicrop", 8)])
+def test_imagenet_view_recipes_train_at_a_small_size(views, n_views):
+    recipe = tiny(views=views, image_size=32, load_size=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                  predictor_weight=0.5, epochs=2)
+    trainer = CoKeTrainer(recipe, n_samples=16, device="cpu")
+    assert len(trainer.augment.views) == n_views
+    data = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+    trainer.fit(TensorImageSource(data, batch_size=8), progress=False)
+    assert np.isfinite(trainer.history[-1]["loss"]) and trainer.memory.coverage() == 1.0
