@@ -124,8 +124,8 @@ def main(argv=None) -> None:
 
     while trainer.epoch < recipe.epochs:
         row = trainer.train_epoch(source, progress=rank == 0, keep_gallery=True)
+        trainer.save(ckpt)  # every rank: the random states of all ranks are gathered; rank 0 writes
         if rank == 0:
-            trainer.save(ckpt)
             trainer.write_report(out)
             print(json.dumps(row), flush=True)
     if dist.is_initialized():

@@ -17,9 +17,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensors must be: NCCL needs CUDA tensors; gloo works on host ones."""
+    return torch.device(device) if dist.get_backend() != "gloo" else torch.device("cpu")
+
+
 def _collective_device(t: Tensor) -> torch.device:
-    # NCCL needs CUDA tensors; gloo works on host tensors.
-    return t.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    return collective_device(t.device)
 
 
 def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:

@@ -108,7 +108,7 @@ def test_epoch_zero_only_clusters_then_training_uses_previous_labels():
 def test_learning_rate_warms_up_then_decays():
     trainer = CoKeTrainer(tiny(epochs=5, warmup_epochs=1), n_samples=24, device="cpu")
     spe = trainer.steps_per_epoch
-    lrs = [trainer.lr_at(s) for s in range(5 * spe)]
+    lrs = [trainer.lr_at(s // spe, s % spe) for s in range(5 * spe)]
     assert lrs[:spe] == [0.0] * spe
     peak = int(np.argmax(lrs))
     assert lrs[peak] == pytest.approx(0.05, rel=1e-6) and peak == 2 * spe

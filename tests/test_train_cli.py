@@ -44,7 +44,6 @@ def test_pretrain_on_digits_reports_against_baselines_then_embed_and_eval(tmp_pa
     for row in ("raw pixels", "untrained encoder", "CoKe-trained encoder"):
         assert row in printed
     scores = json.loads((out / "eval.json").read_text())
-    assert 0.0 <= scores["CoKe-trained encoder"]["knn_top1"] <= 1.0
     assert scores["raw pixels"]["ACC"] > 0.6  # k-means on pixels is a real baseline
 
     assert main(["embed", str(out / "checkpoint.st"), "--out", str(tmp_path / "f.parquet"), "--quiet"]) == 0
@@ -61,6 +60,10 @@ def test_pretrain_resume_continues_to_more_epochs(tmp_path, tiny_recipe, capsys)
     main(["pretrain", "--recipe", tiny_recipe, "--out", str(out), "--quiet", "--epochs", "1"])
     assert main(["pretrain", "--recipe", tiny_recipe, "--out", str(out), "--quiet", "--epochs", "2", "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
+    from streamcoke.train import CoKeTrainer
+
+    resumed = CoKeTrainer.load(out / "checkpoint.st")
+    assert resumed.epoch == 2 and [row["epoch"] for row in resumed.history] == [0, 1]
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(["pretrain", "--recipe", tiny_recipe, "--out", str(tmp_path / "none"), "--resume"])
 

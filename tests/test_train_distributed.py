@@ -1,4 +1,5 @@
-"""The trainer on two gloo processes: DDP + SyncBatchNorm, identical clusterers and label memories."""
+"""The trainer on two gloo processes: DDP, identical clusterers and label memories, every rank's
+random state in the checkpoint."""
 
 import os
 import socket
@@ -31,6 +32,7 @@ def _worker(rank, port, out_dir):
         trainer = CoKeTrainer(Recipe(**RECIPE), n_samples=48, device="cpu")
         assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
         trainer.fit(TensorImageSource(images, batch_size=RECIPE["batch_size"] // WORLD), progress=False)
+        trainer.save(os.path.join(out_dir, "checkpoint.st"))  # a collective: every rank calls it
         tensors, _ = trainer.state()
         torch.save({k: v for k, v in tensors.items() if not k.startswith("rng.")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -47,4 +49,8 @@ def test_two_gloo_ranks_keep_identical_state(tmp_path):
     assert differing == []
     # every rank's memory holds every sample's label, written from both ranks' rows
     assert (r0["memory.labels"][(3 - 1) % 2] >= 0).all()
-    assert any(k.startswith("model.") and "running_mean" in k for k in r0)
+    from streamcoke.io.checkpoint import load_checkpoint
+
+    saved, meta = load_checkpoint(tmp_path / "checkpoint.st", "streamcoke.CoKeTrainer")
+    assert meta["world_size"] == 2 and saved["rng.augment"].shape[0] == 2
+    assert not torch.equal(saved["rng.augment"][0], saved["rng.augment"][1])  # each rank its own stream

@@ -149,84 +149,74 @@ def pretrain(args: argparse.Namespace) -> int:
 def _digits_report(trainer, images, targets, out: Path) -> dict:
     """Scores of the trained encoder against the raw pixels (k-means on them is the usual
     clustering baseline) and the untrained encoder."""
-    from .evaluate import evaluate_features
-    from .trainer import CoKeTrainer
+    from .evaluate import embed, evaluate_features
+    from .images import TensorImageSource
+    from .trainer import build_network, prepare_images
 
     y = targets.numpy()
     raw = images.flatten(1).float().numpy()
-    untrained = CoKeTrainer(trainer.recipe, trainer.n_samples, device=trainer.device)
+    torch.manual_seed(trainer.recipe.seed)  # the trained network's initial weights
+    untrained = build_network(trainer.recipe).encoder.to(trainer.device)
+
+    def features(encoder):
+        batches = TensorImageSource(images, targets, batch_size=512, shuffle=False)
+        return embed(encoder, batches, device=trainer.device,
+                     transform=lambda x: prepare_images(x, trainer.recipe))[0]
+
     rows = {
         "raw pixels": evaluate_features(raw, y),
-        "untrained encoder": evaluate_features(_features(untrained, images), y),
-        "CoKe-trained encoder": evaluate_features(_features(trainer, images), y),
+        "untrained encoder": evaluate_features(features(untrained), y),
+        "CoKe-trained encoder": evaluate_features(features(trainer.feature_model()), y),
     }
     print(f"\n{'features':<24}{'k-NN top-1':>11}{'linear':>9}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
     for name, s in rows.items():
-        print(f"{name:<24}{_fmt(s['knn_top1']):>11}{_fmt(s['linear_top1']):>9}"
-              f"{_fmt(s['ACC']):>8}{_fmt(s['NMI']):>8}{_fmt(s['ARI']):>8}")
+        print(f"{name:<24}{s['knn_top1']:>11.3f}{s['linear_top1']:>9.3f}{s['ACC']:>8.3f}{s['NMI']:>8.3f}{s['ARI']:>8.3f}")
     print("(k-NN and linear probe: 5-fold cross-validated top-1; ACC/NMI/ARI: k-means with 10 clusters "
           "on the features)")
     atomic_write_bytes(out / "eval.json", json.dumps(rows, indent=2).encode())
     return rows
 
 
-def _fmt(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"
-
-
-@torch.no_grad()
-def _features(trainer, images: torch.Tensor, batch: int = 512) -> np.ndarray:
-    model = trainer.feature_model()
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat([trainer.encode(images[i:i + batch]).float().cpu()
-                          for i in range(0, len(images), batch)]).numpy()
-    finally:
-        model.train(was)
-
-
 # ---------------------------------------------------------------------------- embed, eval
-def _load_for_features(args):
-    from .trainer import CoKeTrainer
-
-    trainer = CoKeTrainer.load(args.checkpoint, device=args.device)
-    return trainer
-
-
-def _feature_batches(trainer, shards, args):
+def _feature_batches(recipe, shards, args):
     from .images import ImageShardSource, TensorImageSource, load_digits_images
 
     if not shards:
         images, targets = load_digits_images()
         return TensorImageSource(images, targets, batch_size=args.batch_size, shuffle=False)
     return ImageShardSource(shards if len(shards) > 1 else shards[0], args.batch_size,
-                            load_size=trainer.recipe.load_size, num_workers=args.num_workers,
-                            split_by_node=False)
+                            load_size=recipe.load_size, num_workers=args.num_workers, split_by_node=False)
 
 
-def _embed_all(trainer, shards, args):
+def _embed_all(loaded, shards, args):
     from .evaluate import embed
+    from .trainer import prepare_images
 
-    batches = _feature_batches(trainer, shards, args)
+    recipe, encoder = loaded
     keys: dict[int, str] = {}
 
     def tracked():
-        for b in batches:
+        for b in _feature_batches(recipe, shards, args):
             keys.update(zip(b.index.tolist(), b.keys))
             yield b
 
-    feats, targets, index = embed(trainer.feature_model(), tracked(), device=trainer.device,
-                                  transform=trainer.input_transform, progress=not args.quiet)
+    feats, targets, index = embed(encoder, tracked(), transform=lambda x: prepare_images(x, recipe),
+                                  progress=not args.quiet)
     return feats, targets, index, [keys[i] for i in index.tolist()]
+
+
+def _load_for_features(args):
+    from .trainer import load_encoder
+
+    return load_encoder(args.checkpoint, device=args.device)
 
 
 def embed_command(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    trainer = _load_for_features(args)
-    feats, targets, index, keys = _embed_all(trainer, args.shards, args)
+    loaded = _load_for_features(args)
+    feats, targets, index, keys = _embed_all(loaded, args.shards, args)
     table = pa.table({
         "key": pa.array(keys, pa.string()), "index": pa.array(index), "target": pa.array(targets),
         "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
@@ -241,12 +231,12 @@ def embed_command(args: argparse.Namespace) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     from .evaluate import cluster_scores, evaluate_features, knn_top1, linear_probe
 
-    trainer = _load_for_features(args)
-    feats, targets, _, _ = _embed_all(trainer, args.shards, args)
+    loaded = _load_for_features(args)
+    feats, targets, _, _ = _embed_all(loaded, args.shards, args)
     if (targets < 0).any():
         raise SystemExit("streamcoke eval: some samples have no class label (.cls); evaluation needs them all")
     if args.test:
-        tf, tt, _, _ = _embed_all(trainer, args.test, args)
+        tf, tt, _, _ = _embed_all(loaded, args.test, args)
         scores = {"knn_top1": knn_top1(feats, targets, tf, tt), "linear_top1": linear_probe(feats, targets, tf, tt),
                   **cluster_scores(tf, tt, args.n_clusters or len(np.unique(tt)))}
         how = "trained on SHARDS, tested on --test"

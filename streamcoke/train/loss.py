@@ -44,7 +44,9 @@ def coke_loss(z: Tensor, centers: Tensor, head_sizes: Sequence[int], targets: Te
         return torch.stack(losses).mean()
     if len(targets) != len(head_sizes):
         raise ValueError(f"got {len(targets)} soft-target tensors for {len(head_sizes)} clusterings")
-    losses = [-(t * F.log_softmax(lg, dim=1)).sum(1).mean() for t, lg in zip(targets, logits)]
+    # Rows without any recent label are all zero: averaged over the labelled rows only, as above.
+    losses = [-(t * F.log_softmax(lg, dim=1)).sum() / (t.sum(1) > 0).sum().clamp_min(1)
+              for t, lg in zip(targets, logits)]
     return torch.stack(losses).mean()
 
 

@@ -147,12 +147,16 @@ class CoKeTrainer:
         self._pending: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------------- schedule
-    def lr_at(self, step: int) -> float:
-        """Learning rate at global step ``step``: 0 through epoch 0, then warm-up and cosine."""
+    def lr_at(self, epoch: int, step_in_epoch: int) -> float:
+        """Learning rate at a step of an epoch: 0 through epoch 0, then warm-up and cosine.
+
+        The position is counted from the epoch, so an epoch a little shorter or longer than
+        ``ceil(n_samples / batch_size)`` steps (dropped last batches, ranks in lock step, skipped
+        samples) cannot shift the schedule of the epochs after it."""
         r, spe = self.recipe, self.steps_per_epoch
-        train_step = step - spe
-        if train_step < 0:
+        if epoch == 0:
             return 0.0
+        train_step = (epoch - 1) * spe + min(step_in_epoch, spe - 1)
         sched = Schedule(total_steps=max(1, (r.epochs - 1) * spe), base=r.lr,
                          warmup_steps=min(r.warmup_epochs * spe, max(0, (r.epochs - 1) * spe)), final=r.final_lr)
         return sched(train_step)
@@ -174,7 +178,7 @@ class CoKeTrainer:
         index = index.to(self.device, non_blocking=True)
         views = self.augment(images, self.generator)
         learn = self.epoch > 0
-        lr = self.lr_at(self.global_step)
+        lr = self.lr_at(self.epoch, self.step_in_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.recipe.label_view == "clean":
@@ -286,7 +290,7 @@ class CoKeTrainer:
         out = Path(out_dir) if out_dir is not None else None
         while self.epoch < epochs:
             row = self.train_epoch(source, progress=progress, keep_gallery=self.epoch == epochs - 1)
-            if out is not None and self.rank == 0 and (self.epoch % checkpoint_every == 0 or self.epoch == epochs):
+            if out is not None and (self.epoch % checkpoint_every == 0 or self.epoch == epochs):
                 self.save(out / "checkpoint.st")
         if out is not None and self.rank == 0:
             self.write_report(out)
@@ -303,6 +307,8 @@ class CoKeTrainer:
                    disable=not progress or self.rank != 0, dynamic_ncols=True, leave=False)
         for i, batch in enumerate(_lockstep(source, self.device) if self.world > 1 else source):
             if i < skip:
+                continue
+            if len(batch.index) < 2:  # BatchNorm cannot train on one row: a last batch that small is dropped
                 continue
             stats = self.train_step(batch.images, batch.index)
             n_images += len(batch.index) * self.world
@@ -324,14 +330,14 @@ class CoKeTrainer:
         elapsed = time.perf_counter() - start
         lo, hi = self.size_spread()
         row = {"epoch": self.epoch, "step": self.global_step, "loss": float(np.mean(losses)) if losses else float("nan"),
-               "lr": self.lr_at(self.global_step - 1), "images_per_s": n_images / max(elapsed, 1e-9),
+               "lr": self.lr_at(self.epoch, self.step_in_epoch - 1), "images_per_s": n_images / max(elapsed, 1e-9),
                "min_share": lo, "max_share": hi, "labelled": float(np.mean(labelled)) if labelled else 0.0,
                "seconds": elapsed}
+        self.end_epoch()
         self.history.append(row)
         if progress and self.rank == 0:
             tqdm.write(f"epoch {row['epoch']}: loss {row['loss']:.4f}, lr {row['lr']:.4g}, "
                        f"{row['images_per_s']:.0f} img/s, cluster sizes x{lo:.2f}..x{hi:.2f} of uniform")
-        self.end_epoch()
         return row
 
     def size_spread(self) -> tuple[float, float]:
@@ -393,12 +399,16 @@ class CoKeTrainer:
         tensors["memory.labels"] = self.memory.labels
         for i, c in enumerate(self.center_history):
             tensors[f"centers_history.{i}"] = c
-        tensors["rng.augment"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        # Every rank draws its own random numbers: keep all of them, one row per rank.
+        rngs = {"augment": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rngs["cuda"] = torch.cuda.get_rng_state(self.device)
+        for name, st in rngs.items():
+            row = st.to(self.device) if self.device.type == "cuda" else st
+            tensors[f"rng.{name}"] = distributed.all_gather_rows(row.unsqueeze(0)).cpu()
         meta = {
             "recipe": self.recipe.to_dict(), "n_samples": self.n_samples, "world_size": self.world,
+            "device_type": self.device.type,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "memory_epoch": self.memory.epoch, "n_center_history": len(self.center_history),
             "optimizer": opt_meta, "cluster": cl["meta"], "history": self.history,
@@ -406,9 +416,16 @@ class CoKeTrainer:
         return tensors, meta
 
     def save(self, path) -> None:
-        """Write a checkpoint (safetensors with a JSON header; atomic; loads without unpickling)."""
+        """Write a checkpoint (safetensors with a JSON header; atomic; loads without unpickling).
+
+        Under ``torch.distributed`` every rank calls it (the random states of all ranks are
+        gathered); rank 0 writes the file."""
+        if self._pending:
+            raise RuntimeError("cannot checkpoint while the first batches are held back to seed the clusterer; "
+                               "save at an epoch boundary")
         tensors, meta = self.state()
-        save_checkpoint(path, tensors, meta, kind=CHECKPOINT_KIND)
+        if self.rank == 0:
+            save_checkpoint(path, tensors, meta, kind=CHECKPOINT_KIND)
 
     @classmethod
     def load(cls, path, *, network: nn.Module | None = None, device=None, recipe: Recipe | None = None) -> "CoKeTrainer":
@@ -432,6 +449,13 @@ class CoKeTrainer:
         if int(meta["n_samples"]) != self.n_samples:
             raise ValueError(f"{source} holds a label memory of {meta['n_samples']} samples, "
                              f"this run has {self.n_samples}")
+        if int(meta["step_in_epoch"]) and int(meta["world_size"]) != self.world:
+            raise ValueError(f"{source} was written mid-epoch by {meta['world_size']} process(es); resume it with "
+                             f"as many (this run has {self.world}), or from an epoch-boundary checkpoint")
+        expected = tuple(self.memory.labels.shape)
+        if tuple(tensors["memory.labels"].shape) != expected:
+            raise ValueError(f"{source} holds a label memory of shape {tuple(tensors['memory.labels'].shape)}, "
+                             f"this run needs {expected} (history, samples, clusterings)")
         model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.network.load_state_dict(model_sd)
@@ -444,10 +468,12 @@ class CoKeTrainer:
         self.memory.load_state_dict({"labels": tensors["memory.labels"], "epoch": meta["memory_epoch"]})
         self.center_history = [tensors[f"centers_history.{i}"].to(self.device)
                                for i in range(int(meta["n_center_history"]))]
-        self.generator.set_state(tensors["rng.augment"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        rank = self.rank if tensors["rng.torch"].shape[0] == self.world else 0
+        torch.set_rng_state(tensors["rng.torch"][rank].contiguous())
+        if meta.get("device_type") == self.device.type:  # a generator's state is device-specific
+            self.generator.set_state(tensors["rng.augment"][rank].contiguous())
+            if "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"][rank].contiguous(), self.device)
         self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         self.global_step = int(meta["global_step"])
         self.history = list(meta["history"])
@@ -459,16 +485,41 @@ class CoKeTrainer:
         return self.feature_model()(self.input_transform(images.to(self.device)))
 
     def input_transform(self, images: Tensor) -> Tensor:
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-1] != self.recipe.image_size or x.shape[-2] != self.recipe.image_size:
-            x = F.interpolate(x, size=self.recipe.image_size, mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.recipe.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.recipe.std, device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.recipe.channels_last else x
+        return prepare_images(images, self.recipe)
 
     def feature_model(self) -> nn.Module:
         return self.network.encoder
+
+
+def prepare_images(images: Tensor, recipe: Recipe) -> Tensor:
+    """uint8 images as the network's input without augmentation: resized to the recipe's image
+    size (with antialiasing) and normalised."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    if x.shape[-1] != recipe.image_size or x.shape[-2] != recipe.image_size:
+        x = F.interpolate(x, size=recipe.image_size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(recipe.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(recipe.std, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if recipe.channels_last else x
+
+
+def load_encoder(path, device=None) -> tuple[Recipe, nn.Module]:
+    """The recipe and the trained encoder (eval mode) of a trainer checkpoint, without the
+    clusterers, label memory or optimiser: what ``streamcoke embed`` and ``eval`` need."""
+    tensors, meta = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    recipe = Recipe.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in meta["recipe"].items()},
+                              f"checkpoint {str(path)!r}")
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    network = build_network(recipe)
+    try:
+        network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        raise ValueError(f"{str(path)!r} does not fit the network of its recipe: {str(exc).splitlines()[0]}") from None
+    encoder = network.encoder.to(device)
+    if recipe.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return recipe, encoder.eval()
 
 
 def _lockstep(source, device):
@@ -476,13 +527,14 @@ def _lockstep(source, device):
     whole shards, which need not divide evenly over them (1282 shards over 8 GPUs), and DDP
     needs every rank to take the same number of steps."""
     batches = iter(source)
-    collective = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    collective = distributed.collective_device(device)
     try:
         while True:
             batch = next(batches, None)
-            more = torch.tensor([batch is not None], dtype=torch.int32, device=collective)
-            dist.all_reduce(more, op=dist.ReduceOp.MIN)
-            if not more.item():
+            # Every rank needs a batch, of at least 2 rows for BatchNorm, or all stop together.
+            rows = torch.tensor([0 if batch is None else len(batch.index)], dtype=torch.int64, device=collective)
+            dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+            if rows.item() < 2:
                 return
             yield batch
     finally:
