@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_size_flags, interleaved, machine, optional_import, pyplot, save_figure,  # noqa: E402
-                    table, timed, write_json_to)
+                    keeping_result, table, timed, write_json_to)
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.core.certificate import tightest_dual_bound  # noqa: E402
@@ -132,11 +132,7 @@ def bench_problem(K: int, N: int, gamma: float, size: dict, kmc) -> list[dict]:
     labels: dict = {}
 
     def contender(name, fn):
-        def run():
-            seconds, labels[name] = timed(fn)
-            return seconds
-        return run
-
+        return keeping_result(labels, name, fn)
     # Batch-independent contenders: once per problem.
     once = {ARGMAX: contender(ARGMAX, lambda: S64.argmax(axis=1))}
     if kmc is not None and N * K <= size["kmc_max"]:

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_size_flags, interleaved, machine, optional_import, pyplot, save_figure,  # noqa: E402
-                    table, timed, write_json_to)
+                    keeping_result, table, write_json_to)
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.datasets import imbalanced_mixture, load_digits_features  # noqa: E402
@@ -141,14 +141,7 @@ def bench_dataset(name, spec, size, b, peers) -> dict:
     K = int(y.max()) + 1
     runs = methods(K, X, size, b, peers)
     found: dict = {}
-
-    def contender(m, fn):
-        def run():
-            seconds, found[m] = timed(fn)
-            return seconds
-        return run
-
-    seconds = interleaved({m: contender(m, fn) for m, fn in runs.items()}, size["rounds"])
+    seconds = interleaved({m: keeping_result(found, m, fn) for m, fn in runs.items()}, size["rounds"])
     rows = []
     floor = GAMMA * len(X) / K
     for m in runs:

@@ -142,6 +142,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def keeping_result(results: dict, name: str, fn: Callable[[], object]) -> Callable[[], float]:
+    """A contender for :func:`interleaved`: times ``fn()`` and keeps what it returned in
+    ``results[name]`` (the last round's), for scoring after the timing."""
+    def run() -> float:
+        seconds, results[name] = timed(fn)
+        return seconds
+    return run
+
+
 def capped_rate(step: Callable[[int], object], *, chunk: int, budget_s: float, max_items: int) -> float:
     """Items per second of ``step(i)`` for slow per-item peers (pure-Python river): whole chunks
     of ``chunk`` items until ``budget_s`` seconds or ``max_items`` items have passed, at least one
