@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -40,23 +39,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from streamcoke import distributed
 from streamcoke.io.checkpoint import atomic_write_bytes
 from streamcoke.train import CoKeTrainer, ImageShardSource, load_recipe
 from streamcoke.train.evaluate import embed, knn_predict
 from streamcoke.train.images import write_synthetic_image_shards
 
 IMAGENET_TRAIN_IMAGES = 1281167
-
-
-def init_distributed() -> torch.device:
-    """Join the process group torchrun describes (NCCL on GPUs); this process's device."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device
 
 
 def knn_score(trainer: CoKeTrainer, train_shards: str, val_shards: str, num_workers: int) -> dict:
@@ -106,7 +95,10 @@ def main(argv=None) -> None:
                                 batch_size=16, epochs=2, precision="fp32")
     if not args.shards:
         p.error("--shards is required (or --dry-run)")
-    device = init_distributed() if not args.dry_run else torch.device("cpu")
+    if args.dry_run:
+        device = torch.device("cpu")
+    else:
+        device = distributed.init_from_env() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint.st"
 

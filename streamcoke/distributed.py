@@ -7,6 +7,8 @@ every rank applies the same update as one process that saw the global batch.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -52,3 +54,19 @@ def all_gather_rows(X: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(X.device)
+
+
+def init_from_env(device: str | None = None) -> torch.device | None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``):
+    NCCL on this process's GPU when CUDA is available (and ``device`` does not say otherwise),
+    gloo on the CPU. Returns the process's device; without torchrun (one process), the
+    ``device`` asked for, or None for the default."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return torch.device(device) if device else None
+    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return local
+    dist.init_process_group("gloo")
+    return torch.device("cpu")

@@ -54,3 +54,26 @@ def test_two_gloo_ranks_keep_identical_state(tmp_path):
     saved, meta = load_checkpoint(tmp_path / "checkpoint.st", "streamcoke.CoKeTrainer")
     assert meta["world_size"] == 2 and saved["rng.augment"].shape[0] == 2
     assert not torch.equal(saved["rng.augment"][0], saved["rng.augment"][1])  # each rank its own stream
+
+
+def test_pretrain_command_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 -m streamcoke.cli pretrain` on gloo: the process group comes
+    from torchrun's environment, rank 0 writes the checkpoint and the built-in report."""
+    import subprocess
+    import sys
+
+    from test_train_cli import TINY_TOML
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_TOML)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "-m", "streamcoke.cli", "pretrain", "--recipe",
+                           str(recipe), "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout and "CoKe-trained encoder" in done.stdout
+    from streamcoke.train import CoKeTrainer
+
+    trainer = CoKeTrainer.load(tmp_path / "run" / "checkpoint.st")
+    assert trainer.epoch == 2 and trainer.memory.coverage() == 1.0

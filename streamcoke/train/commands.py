@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,20 +72,6 @@ def _common_eval_args(p) -> None:
 
 
 # ---------------------------------------------------------------------------- distributed
-def _init_distributed(device_arg: str | None) -> torch.device | None:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return torch.device(device_arg) if device_arg else None
-    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
 def _say(msg: str) -> None:
     if not distributed.is_distributed() or dist.get_rank() == 0:
         print(msg, flush=True)
@@ -98,7 +82,7 @@ def pretrain(args: argparse.Namespace) -> int:
     from .images import ImageShardSource, TensorImageSource, load_digits_images
     from .trainer import CoKeTrainer
 
-    device = _init_distributed(args.device)
+    device = distributed.init_from_env(args.device)
     try:
         digits = not args.shards
         recipe = load_recipe(args.recipe or ("digits" if digits else "imagenet-single"))
@@ -138,12 +122,14 @@ def pretrain(args: argparse.Namespace) -> int:
         if skipped:
             _say(f"skipped {skipped} bad samples (--on-error skip)")
         _say(f"wrote {ckpt}, {out / 'training.png'}, {out / 'cluster_sizes.png'}, {out / 'gallery.png'}")
-        if digits and (not distributed.is_distributed() or dist.get_rank() == 0):
-            _digits_report(trainer, images, targets, out)
-        return 0
+        rank = dist.get_rank() if distributed.is_distributed() else 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # After leaving the process group: the report is one process's work on the whole data set.
+    if digits and rank == 0:
+        _digits_report(trainer, images, targets, out)
+    return 0
 
 
 def _digits_report(trainer, images, targets, out: Path) -> dict:
