@@ -1,8 +1,11 @@
 """Throughput of ``OnlineConstrainedKMeans.partial_fit`` against its floor and its peers.
 
 Side by side in one run, on the same batches: the bare similarity matrix multiply (the
-physical floor of the step), our ``partial_fit`` on torch and on numpy input, and
-scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown table of samples/s and
+physical floor of the step), the multiply followed by the row-wise argmax (plain
+nearest-center assignment with nothing else: the floor of any k-means step, which shows how
+much of the gap to the multiply is the argmax's pass over the score matrix and how much the
+rest of the step), our ``partial_fit`` on torch and on numpy input, and scikit-learn's
+``MiniBatchKMeans.partial_fit``. Prints a Markdown table of samples/s and
 ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
 
     python benchmarks/bench_partial_fit.py                 # d=128, K=1000, batch 1024, CPU
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, table, throughput, write_json  # noqa: E402
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
+from streamcoke.core.assign import row_argmax  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -56,11 +60,17 @@ def main(argv=None) -> dict:
         out = torch.empty(b, K, device=dev)
         return throughput(lambda i: torch.mm(Xd[batch(i)], Cd.T, out=out), b, n_steps=args.batches, sync=sync)
 
+    def run_assign_only():
+        out = torch.empty(b, K, device=dev)
+        return throughput(lambda i: row_argmax(torch.mm(Xd[batch(i)], Cd.T, out=out)), b, n_steps=args.batches,
+                          sync=sync)
+
     def run_ours_torch():
         km = OnlineConstrainedKMeans(K, init=init.numpy(), device=dev)
         return throughput(lambda i: km.partial_fit(Xd[batch(i)]), b, n_steps=args.batches, sync=sync)
 
-    contenders = {"matmul (floor)": run_matmul, "streamcoke partial_fit (torch)": run_ours_torch}
+    contenders = {"matmul (floor)": run_matmul, "matmul + argmax (nearest center, nothing else)": run_assign_only,
+                  "streamcoke partial_fit (torch)": run_ours_torch}
     if dev.type == "cpu":
         from sklearn.cluster import MiniBatchKMeans
 

@@ -15,8 +15,9 @@
         --shards '/data/imagenet-train-{000000..001281}.tar' --out runs/coke-r50 \\
         --recipe imagenet-single --val-shards '/data/imagenet-val-{000000..000049}.tar'
 
-   Every epoch writes OUT/checkpoint.st, OUT/training.png, OUT/cluster_sizes.png and
-   OUT/gallery.png. With ``--val-shards``, the end of the run scores the frozen encoder by a
+   OUT/checkpoint.st is written every ``--checkpoint-steps`` steps (250 by default) and at
+   the end of every epoch, when OUT/training.png, OUT/cluster_sizes.png and OUT/gallery.png
+   are drawn too. With ``--val-shards``, the end of the run scores the frozen encoder by a
    weighted k-NN vote (k = 20) of the train features, on the first GPU, into OUT/knn.json.
 
 3. Score the checkpoint with a k-NN vote, a linear probe and k-means::
@@ -80,6 +81,9 @@ def main(argv=None) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=5000,
                    help="samples in each decoding process's shuffle buffer (raw JPEGs, about 110 kB each on "
                         "ImageNet); the shards hold the images in class order, and it mixes them")
+    p.add_argument("--checkpoint-steps", type=int, default=250,
+                   help="also checkpoint every N steps within an epoch (an ImageNet epoch at batch 1024 is "
+                        "1251 steps); 0: only at epoch boundaries")
     p.add_argument("--dry-run", action="store_true", help="2 steps on synthetic shards on the CPU (a check)")
     args = p.parse_args(argv)
 
@@ -87,7 +91,7 @@ def main(argv=None) -> None:
     tmp = None
     if args.dry_run:
         tmp = tempfile.TemporaryDirectory(prefix="pretrain_dry_run_")
-        args.n_samples, args.num_workers, args.shuffle_buffer = 16, 0, 8
+        args.n_samples, args.num_workers, args.shuffle_buffer, args.checkpoint_steps = 16, 0, 8, 1
         args.shards = write_synthetic_image_shards(tmp.name, 16, 4, size=40, shard_size=8, prefix="train")
         args.val_shards = write_synthetic_image_shards(tmp.name, 16, 4, size=40, shard_size=8, seed=1, prefix="val")
         recipe = recipe.replace(encoder="small", encoder_width=8, projection_dims=(64, 64, 32),
@@ -101,6 +105,8 @@ def main(argv=None) -> None:
         device = distributed.init_from_env() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint.st"
+    if recipe.batch_size % world:
+        p.error(f"the batch size {recipe.batch_size} does not split evenly over {world} processes")
 
     source = ImageShardSource(args.shards, recipe.batch_size // world, load_size=recipe.load_size,
                                        shuffle_buffer=args.shuffle_buffer, num_workers=args.num_workers,
@@ -115,7 +121,8 @@ def main(argv=None) -> None:
               f"process(es), K = {', '.join(map(str, recipe.n_clusters))}; {start}", flush=True)
 
     while trainer.epoch < recipe.epochs:
-        row = trainer.train_epoch(source, progress=rank == 0, keep_gallery=True)
+        row = trainer.train_epoch(source, progress=rank == 0, keep_gallery=True, checkpoint=ckpt,
+                                  checkpoint_steps=args.checkpoint_steps)
         trainer.save(ckpt)  # every rank: the random states of all ranks are gathered; rank 0 writes
         if rank == 0:
             trainer.write_report(out)

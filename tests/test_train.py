@@ -37,6 +37,9 @@ def test_memory_serves_previous_epoch_labels_only():
     assert mem.previous(idx).tolist() == [[1, 2], [0, 1], [2, 0]]
     assert (mem.previous(torch.tensor([1, 2])) == IGNORE).all()
     assert mem.coverage() == pytest.approx(0.5)
+    # stored in half the memory of int64, served as the int64 a loss indexes with
+    assert mem.labels.dtype == torch.int32
+    assert mem.previous(idx).dtype == mem.recent(idx).dtype == torch.int64
 
 
 def test_memory_history_and_stale_labels_cleared():
@@ -165,6 +168,46 @@ def test_resume_mid_epoch_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _CrashIn:
+    """A source that fails after ``after`` batches of epoch ``epoch``, as a killed run would."""
+
+    def __init__(self, source, epoch, after):
+        self.source, self.epoch, self.after, self.current = source, epoch, after, 0
+
+    def set_epoch(self, epoch):
+        self.current = epoch
+        self.source.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.source):
+            if self.current == self.epoch and i == self.after:
+                raise RuntimeError("killed")
+            yield batch
+
+
+# (12,) with batches of 8: the first batch is held back to seed the clusterer, and the
+# checkpoint due after it is skipped (saving then is refused).
+@pytest.mark.parametrize("n_clusters, every, last_step", [((3, 5), 2, 2), ((12,), 1, 3)])
+def test_checkpoint_steps_resume_an_interrupted_fit_exactly(tmp_path, n_clusters, every, last_step):
+    data = images(40)
+    recipe = tiny(n_clusters=n_clusters)
+    full = CoKeTrainer(recipe, n_samples=40, device="cpu")
+    full.fit(TensorImageSource(data, batch_size=8), progress=False)
+
+    part = CoKeTrainer(recipe, n_samples=40, device="cpu")
+    with pytest.raises(RuntimeError, match="killed"):
+        part.fit(_CrashIn(TensorImageSource(data, batch_size=8), epoch=1, after=3), out_dir=tmp_path,
+                 progress=False, checkpoint_steps=every)
+    resumed = CoKeTrainer.load(tmp_path / "checkpoint.st", device="cpu")
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, last_step)  # the last checkpoint before the failure
+    resumed.fit(TensorImageSource(data, batch_size=8), out_dir=tmp_path, progress=False, checkpoint_steps=every)
+    a, b = _state(full), _state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="checkpoint_steps"):
+        resumed.fit(TensorImageSource(data, batch_size=8), checkpoint_steps=-1)
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):

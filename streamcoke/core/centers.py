@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .similarity import normalize_rows
 
 
 def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int, n_heads: int = 1) -> Tensor:
@@ -30,10 +29,15 @@ def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int,
     return torch.zeros(n_centers, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, rows, Xw)
 
 
-def _finish(centers: Tensor, candidate: Tensor, has_members: Tensor, metric: str) -> Tensor:
-    if metric == "cosine":
-        candidate = normalize_rows(candidate)
-    return torch.where(has_members.unsqueeze(1), candidate, centers)
+def _divide_rows(candidate: Tensor, denominators: Tensor, has_members: Tensor) -> Tensor:
+    """``candidate[k] / denominators[k]`` for centers with members, ``candidate[k]`` unchanged
+    (divided by exactly 1) for the others: one pass over the (K, d) matrix."""
+    one = torch.ones((), dtype=denominators.dtype, device=denominators.device)
+    return candidate / torch.where(has_members, denominators, one).to(candidate.dtype).unsqueeze(1)
+
+
+def _row_norms(X: Tensor, eps: float = 1e-12) -> Tensor:
+    return torch.linalg.vector_norm(X, dim=1).clamp_min(eps)
 
 
 def running_mean_update(centers: Tensor, epoch_sums: Tensor, epoch_counts: Tensor, batch_sums: Tensor,
@@ -41,19 +45,28 @@ def running_mean_update(centers: Tensor, epoch_sums: Tensor, epoch_counts: Tenso
     """Fold a batch's member sums into the epoch's running means; returns (centers, epoch_sums).
 
     ``epoch_counts`` already include the batch. With the cosine metric the mean's length does
-    not matter (it is re-normalised), so the sums are normalised directly.
+    not matter (it is re-normalised), so the sums are normalised directly. A center without
+    members this epoch keeps its previous value exactly.
     """
     epoch_sums = epoch_sums + batch_sums
     has_members = epoch_counts > 0
-    if metric == "cosine":
-        return _finish(centers, epoch_sums, has_members, metric), epoch_sums
-    mean = epoch_sums / epoch_counts.clamp(min=1e-12).to(epoch_sums.dtype).unsqueeze(1)
-    return _finish(centers, mean, has_members, metric), epoch_sums
+    denominators = _row_norms(epoch_sums) if metric == "cosine" else epoch_counts
+    # Dividing by infinity zeroes the rows of centers without members; adding the old centers
+    # there (and 0 times them elsewhere) puts them back without a separate select pass.
+    inf = torch.full((), torch.inf, dtype=denominators.dtype, device=denominators.device)
+    centers_new = epoch_sums / torch.where(has_members, denominators, inf).to(epoch_sums.dtype).unsqueeze(1)
+    return centers_new.addcmul_(centers, (~has_members).to(centers.dtype).unsqueeze(1)), epoch_sums
 
 
 def ema_update(centers: Tensor, batch_sums: Tensor, batch_counts: Tensor, momentum: float,
                metric: str) -> Tensor:
     """Move every center that received members toward their mean: ``c <- m c + (1 - m) mean``."""
     has_members = batch_counts > 0
-    mean = batch_sums / batch_counts.clamp(min=1e-12).to(batch_sums.dtype).unsqueeze(1)
-    return _finish(centers, torch.lerp(mean, centers, momentum), has_members, metric)
+    mean = _divide_rows(batch_sums, batch_counts, has_members)
+    # A per-row weight of 1 on the old center leaves a center without members exactly in place.
+    one = torch.ones((), dtype=centers.dtype, device=centers.device)
+    weight = torch.where(has_members, torch.full((), momentum, dtype=centers.dtype, device=centers.device), one)
+    candidate = torch.lerp(mean, centers, weight.unsqueeze(1))
+    if metric == "cosine":
+        return _divide_rows(candidate, _row_norms(candidate), has_members)
+    return candidate

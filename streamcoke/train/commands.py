@@ -42,6 +42,9 @@ def add_parsers(sub) -> None:
                    help="undecodable images or missing fields: stop (default) or skip and count")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.st")
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    p.add_argument("--checkpoint-steps", type=int, default=0,
+                   help="also checkpoint every N steps within an epoch (0: only at epoch boundaries); "
+                        "--resume then continues from the last such step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=pretrain)
 
@@ -90,6 +93,9 @@ def pretrain(args: argparse.Namespace) -> int:
                                 image_size=args.image_size, encoder=args.encoder,
                                 n_clusters=tuple(args.n_clusters) if args.n_clusters else None)
         world = dist.get_world_size() if distributed.is_distributed() else 1
+        if recipe.batch_size % world:
+            raise SystemExit(f"streamcoke pretrain: the batch size {recipe.batch_size} does not split evenly over "
+                             f"{world} processes; pass --batch-size as a multiple of {world}")
         per_rank = recipe.batch_size // world
         if digits:
             images, targets = load_digits_images()
@@ -117,7 +123,8 @@ def pretrain(args: argparse.Namespace) -> int:
         _say(f"recipe: {args.recipe or ('digits' if digits else 'imagenet-single')}; {recipe.epochs} epochs, "
              f"batch {recipe.batch_size}, clusterings K = {', '.join(map(str, recipe.n_clusters))}, "
              f"device {trainer.device}, {world} process(es)")
-        trainer.fit(source, out_dir=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+        trainer.fit(source, out_dir=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                    checkpoint_steps=args.checkpoint_steps)
         skipped = getattr(source, "skipped", 0)
         if skipped:
             _say(f"skipped {skipped} bad samples (--on-error skip)")

@@ -4,6 +4,8 @@ The loss of epoch t uses the labels assigned in epoch t-1 (so the clustering and
 never chase each other within an epoch); stage two uses the last few epochs. The memory is a
 ring of ``history + 1`` slots of shape (n_samples, n_clusterings): the slot of the running
 epoch, being written, and the ``history`` completed epochs before it, which are only read.
+Labels are stored as int32 (half the memory of int64 at a billion-sample scale) and served as
+the int64 that losses index with.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class LabelMemory:
         if n_samples < 1 or n_heads < 1 or history < 1:
             raise ValueError(f"LabelMemory needs positive sizes, got n_samples={n_samples}, "
                              f"n_heads={n_heads}, history={history}")
-        self.labels = torch.full((history + 1, n_samples, n_heads), IGNORE, dtype=torch.int64, device=device)
+        self.labels = torch.full((history + 1, n_samples, n_heads), IGNORE, dtype=torch.int32, device=device)
         self.epoch = 0
 
     @property
@@ -62,13 +64,13 @@ class LabelMemory:
         if self.epoch == 0:
             return torch.full((index.shape[0], self.labels.shape[2]), IGNORE, dtype=torch.int64,
                               device=self.labels.device)
-        return self.labels[(self.epoch - 1) % self._slots, index.to(self.labels.device)]
+        return self.labels[(self.epoch - 1) % self._slots, index.to(self.labels.device)].long()
 
     def recent(self, index: Tensor) -> Tensor:
         """Labels of the last ``min(history, epochs completed)`` epochs, (B, m, n_heads)."""
         m = min(self.history, self.epoch)
         slots = [(self.epoch - 1 - j) % self._slots for j in range(m)]
-        return self.labels[slots][:, index.to(self.labels.device)].transpose(0, 1)
+        return self.labels[slots][:, index.to(self.labels.device)].transpose(0, 1).long()
 
     def end_epoch(self) -> None:
         """Close the epoch; the next one writes the oldest slot, cleared first so that a sample
@@ -90,6 +92,6 @@ class LabelMemory:
         if tuple(labels.shape) != tuple(self.labels.shape):
             raise ValueError(f"label memory of shape {tuple(labels.shape)} does not fit this run's "
                              f"{tuple(self.labels.shape)} (history, samples, clusterings)")
-        self.labels = labels.to(self.labels.device, torch.int64).clone()
+        self.labels = labels.to(self.labels.device, torch.int32).clone()
         self.epoch = int(state["epoch"])
 

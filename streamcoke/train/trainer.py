@@ -276,27 +276,37 @@ class CoKeTrainer:
 
     # ------------------------------------------------------------------------------- fit
     def fit(self, source, *, epochs: int | None = None, out_dir: str | os.PathLike | None = None,
-            progress: bool = True, checkpoint_every: int = 1) -> list[dict]:
+            progress: bool = True, checkpoint_every: int = 1, checkpoint_steps: int = 0) -> list[dict]:
         """Train until ``epochs`` (default: the recipe's) epochs are done; returns the history.
 
         ``source`` yields batches with ``.images`` and ``.index`` and has ``set_epoch(epoch)``
         (:class:`~streamcoke.train.images.ImageShardSource`, :class:`TensorImageSource`). A
         trainer restored with :meth:`load` mid-epoch skips the batches it already trained on,
         so the run continues exactly where it stopped. With ``out_dir``, a checkpoint is
-        written every ``checkpoint_every`` epochs (and at the end), with the training plots.
+        written every ``checkpoint_every`` epochs (and at the end), with the training plots,
+        and, with ``checkpoint_steps`` > 0, also every that many steps within an epoch, so a
+        long epoch interrupted loses at most that many steps.
         """
+        if checkpoint_every < 1 or checkpoint_steps < 0:
+            raise ValueError(f"checkpoint_every must be >= 1 and checkpoint_steps >= 0, got {checkpoint_every} "
+                             f"and {checkpoint_steps}")
         epochs = self.recipe.epochs if epochs is None else int(epochs)
         out = Path(out_dir) if out_dir is not None else None
+        ckpt = out / "checkpoint.st" if out is not None else None
         while self.epoch < epochs:
-            row = self.train_epoch(source, progress=progress, keep_gallery=self.epoch == epochs - 1)
-            if out is not None and (self.epoch % checkpoint_every == 0 or self.epoch == epochs):
-                self.save(out / "checkpoint.st")
+            self.train_epoch(source, progress=progress, keep_gallery=self.epoch == epochs - 1,
+                             checkpoint=ckpt if checkpoint_steps else None, checkpoint_steps=checkpoint_steps)
+            if ckpt is not None and (self.epoch % checkpoint_every == 0 or self.epoch == epochs):
+                self.save(ckpt)
         if out is not None and self.rank == 0:
             self.write_report(out)
         return self.history
 
-    def train_epoch(self, source, *, progress: bool = True, keep_gallery: bool = False) -> dict:
-        """One pass over ``source`` (the rest of it, after a mid-epoch resume), then the boundary."""
+    def train_epoch(self, source, *, progress: bool = True, keep_gallery: bool = False,
+                    checkpoint: str | os.PathLike | None = None, checkpoint_steps: int = 0) -> dict:
+        """One pass over ``source`` (the rest of it, after a mid-epoch resume), then the boundary.
+        With ``checkpoint``, a checkpoint is written there every ``checkpoint_steps`` steps
+        (not while the first batches are still held back to seed the clusterer)."""
         source.set_epoch(self.epoch)
         skip = self.step_in_epoch
         losses, labelled, n_images, shown = [], [], 0, 0.0
@@ -323,6 +333,9 @@ class CoKeTrainer:
                 bar.set_postfix_str(f"{n_images / max(elapsed, 1e-9):.0f} img/s, loss {stats.loss:.3f}, "
                                     f"sizes x{lo:.2f}..x{hi:.2f} of uniform", refresh=False)
             bar.update(1)
+            if checkpoint is not None and checkpoint_steps and self.step_in_epoch % checkpoint_steps == 0 \
+                    and not self._pending:
+                self.save(checkpoint)
         bar.close()
         if self.step_in_epoch == 0 and skip == 0:
             raise ValueError("the source yielded no batches")
