@@ -20,8 +20,15 @@ def is_distributed() -> bool:
 
 
 def collective_device(device: torch.device) -> torch.device:
-    """Where a collective's tensors must be: NCCL needs CUDA tensors; gloo works on host ones."""
-    return torch.device(device) if dist.get_backend() != "gloo" else torch.device("cpu")
+    """Where a collective's tensors must be: gloo works on host tensors, NCCL on CUDA ones (a
+    host tensor goes through this process's current GPU); a group with a backend per device
+    type ("cpu:gloo,cuda:nccl") takes tensors where they are."""
+    device, backend = torch.device(device), str(dist.get_backend())
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _collective_device(t: Tensor) -> torch.device:

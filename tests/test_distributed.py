@@ -78,3 +78,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path, multi, init):
                 for r in range(WORLD)]
     got = np.concatenate(per_rank, axis=1).reshape(N_BATCHES * GLOBAL_BATCH, -1)
     assert np.array_equal(got, np.concatenate(ref_labels).reshape(len(got), -1))
+
+
+@pytest.mark.parametrize("backend, device, expected", [
+    ("gloo", "cuda:1", "cpu"),             # gloo reduces host tensors
+    ("nccl", "cpu", "cuda:3"),              # NCCL takes CUDA tensors only: through the current GPU
+    ("nccl", "cuda:1", "cuda:1"),
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),   # a backend per device type: tensors stay put
+    ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),
+])
+def test_collectives_run_where_the_backend_can_take_them(monkeypatch, backend, device, expected):
+    from streamcoke import distributed
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device(torch.device(device)) == torch.device(expected)

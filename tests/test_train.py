@@ -92,6 +92,9 @@ def test_builtin_recipes_load_and_bad_recipes_are_named(tmp_path):
         tiny(views="three")
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+    # a predictor whose loss weighs nothing is dropped (DDP rejects parameters without gradients)
+    assert tiny(predictor_weight=0.0).predictor_dims is None
+    assert tiny(predictor_dims=()).predictor_weight == 0.0
 
 
 # ------------------------------------------------------------------------------ trainer

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..core.assign import assign, flat_labels, head_argmax, winning_scores
-from ..core.centers import ema_update, member_sums, running_mean_update
+from ..core.centers import ema_update, member_sums, running_mean_update, scatter_sum
 from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step
 from ..core.init import initial_centers
@@ -302,8 +302,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         if rows.device.type == "cpu":  # numpy's bincount: a fraction of torch's per-call cost
             weights = None if w is None else np.tile(w.numpy().astype(np.float64), len(sizes))
             return torch.from_numpy(np.bincount(rows.numpy(), weights=weights, minlength=sum(sizes)).astype(np.float64))
-        weights = None if w is None else w.double().repeat(len(sizes))
-        return torch.bincount(rows, weights=weights, minlength=sum(sizes)).double()
+        if w is None:  # integer counts: exact whatever the order of the additions
+            return torch.bincount(rows, minlength=sum(sizes)).double()
+        return scatter_sum(w.double().repeat(len(sizes)), rows, sum(sizes))  # fixed order, unlike bincount
 
     def _score_buffer(self, n: int, device: torch.device) -> Tensor:
         """Scratch space for a batch's score matrix, reused across batches: allocating a fresh
@@ -418,8 +419,10 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         return self._last_kind().out(t)
 
     def _last_kind(self) -> InputKind:
+        # Tensors go back to the device of the caller's last batch, which may not be ours
+        # (CPU tensors fed to a clusterer on the GPU).
         labels = getattr(self, "labels_", None)
-        return InputKind(isinstance(labels, Tensor), self.device_)
+        return InputKind(True, labels.device) if isinstance(labels, Tensor) else InputKind(False)
 
     @property
     def cluster_centers_(self):

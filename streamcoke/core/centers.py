@@ -26,7 +26,21 @@ def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int,
     Xw = X if weights is None else X * weights.unsqueeze(1)
     if n_heads > 1:
         Xw = Xw.repeat(n_heads, 1)
-    return torch.zeros(n_centers, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, rows, Xw)
+    return scatter_sum(Xw, rows, n_centers)
+
+
+def scatter_sum(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """``out[r] = sum of values[i] with rows[i] == r``, the same bits on every run.
+
+    On the CPU ``index_add_`` adds in order. On CUDA it adds with atomics, in an order that
+    changes from run to run, and so would the last bits of the centers, breaking the promise
+    that a saved model continues exactly as an uninterrupted one; accumulating ``index_put_``
+    sorts the rows first and sums in a fixed order there.
+    """
+    out = torch.zeros((n_rows,) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
+    if values.device.type == "cpu":
+        return out.index_add_(0, rows, values)
+    return out.index_put_((rows,), values, accumulate=True)
 
 
 def _divide_rows(candidate: Tensor, denominators: Tensor, has_members: Tensor) -> Tensor:

@@ -87,6 +87,10 @@ class Recipe:
             problems.append(f"label_view must be 'first' or 'clean', got {self.label_view!r}")
         if self.predictor_dims is None and self.predictor_weight > 0:
             object.__setattr__(self, "predictor_weight", 0.0)
+        if self.predictor_weight == 0 and self.predictor_dims is not None:
+            # A predictor whose loss weighs nothing gets no gradient, which DistributedDataParallel
+            # rejects at its second step; it would only cost compute, so there is none.
+            object.__setattr__(self, "predictor_dims", None)
         if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
             problems.append("epochs and batch_size must be >= 1 and warmup_epochs >= 0")
         if self.stage2_epoch is not None and (self.stage2_epoch < 1 or self.stage2_history < 1):
