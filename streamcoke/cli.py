@@ -76,6 +76,18 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shuffle", type=int, default=None, metavar="SEED",
                    help="image folders: write the samples in a seeded random order so every shard mixes "
                         "classes (indices stay in sorted order); recommended for training")
+    b = sub.add_parser("sample", help="write a cluster-balanced subset of a label file",
+                       description="Keep at most --per-cluster samples of every cluster of a label file "
+                                   "written by `streamcoke cluster --out`, in one pass with memory bound by "
+                                   "the subset: the clustering-based balancing used to curate long-tailed data.")
+    b.add_argument("labels", type=Path, help="label file of `streamcoke cluster --out` (Parquet)")
+    b.add_argument("--per-cluster", type=int, required=True, help="samples kept per cluster")
+    b.add_argument("--out", type=Path, required=True, help="the subset: a Parquet file of id and label")
+    b.add_argument("--pick", choices=("random", "nearest"), default="random",
+                   help="uniformly at random (default) or the samples most similar to their center")
+    b.add_argument("--clustering", type=int, default=0, help="which clustering, when the file holds several")
+    b.add_argument("--epoch", type=int, default=None, help="which epoch's labels (default: the last in the file)")
+    b.add_argument("--seed", type=int, default=0)
     from .train.commands import add_parsers  # pretrain, embed, eval
 
     add_parsers(sub)
@@ -365,12 +377,29 @@ def shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ sample
+def sample(args: argparse.Namespace) -> int:
+    from .curate import balanced_subset
+
+    try:
+        summary = balanced_subset(args.labels, args.out, args.per_cluster, clustering=args.clustering,
+                                  pick=args.pick, epoch=args.epoch, random_state=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"streamcoke: {exc}") from None
+    print(f"kept {summary['kept']:,} of {summary['rows']:,} samples from {summary['clusters']:,} clusters "
+          f"(cluster sizes {summary['smallest_before']:,}..{summary['largest_before']:,} before, "
+          f"{summary['smallest_after']:,}..{summary['largest_after']:,} after); wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "cluster":
         return cluster(args)
     if args.command == "shards":
         return shards(args)
+    if args.command == "sample":
+        return sample(args)
     return args.func(args)  # pragma: no cover
 
 

@@ -20,3 +20,22 @@ def test_pretrain_imagenet_dry_run_trains_resumes_and_scores(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the run is done: resumes, scores
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at epoch 2" in again.stdout and "k-NN top-1" in again.stdout
+
+
+def test_river_stream_example_runs():
+    done = subprocess.run([sys.executable, str(EXAMPLES / "river_stream.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "river KMeans" in done.stdout and "streamcoke, min_size_ratio=0.4" in done.stdout
+
+
+def test_curate_balanced_example_balances_the_classes(tmp_path):
+    cmd = [sys.executable, str(EXAMPLES / "curate_balanced.py"), "--out", str(tmp_path), "--rows", "8000",
+           "--n-clusters", "40", "--per-cluster", "40", "--epochs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("all", "subset"))}
+    largest_before, largest_after = float(rows["all"][3]), float(rows["subset"][2])
+    assert largest_after < largest_before  # the head class's share shrinks
+    for name in ("labels.parquet", "subset.parquet", "balanced_subset.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
