@@ -76,6 +76,14 @@ def test_default_schedule_reaches_the_optimum(n_clusters, n_samples, batch_size)
     (100, 100_000, 0.8, 32), (100, 100_000, 0.8, 256), (100, 100_000, 0.8, 1024),
     (10, 410_000, 0.4, 4096), (100, 410_000, 0.4, 4096),
     (1000, 200_000, 0.4, 32), (1000, 200_000, 0.4, 256), (1000, 200_000, 0.4, 1024),
+    # Two to three quotas a batch, where the single-step cap binds (see the schedule's docstring).
+    pytest.param(50, 50_000, 0.4, 256, marks=pytest.mark.xfail(
+        reason="measured 99.9% of the optimum with 1.06% shortfall: the single-step cap binds", strict=False)),
+    pytest.param(100, 100_000, 0.4, 512, marks=pytest.mark.xfail(
+        reason="measured 99.96% of the optimum with 1.20% shortfall: the single-step cap binds", strict=False)),
+    (200, 200_000, 0.4, 1024),
+    pytest.param(300, 200_000, 0.4, 2048, marks=pytest.mark.xfail(
+        reason="measured 99.99% of the optimum with 1.27% shortfall: the single-step cap binds", strict=False)),
 ])
 def test_default_schedule_reaches_the_optimum_full_grid(n_clusters, n_samples, gamma, batch_size):
     _check(n_clusters, n_samples, gamma, batch_size)
