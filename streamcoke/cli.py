@@ -22,7 +22,7 @@ import numpy as np
 
 CHECKPOINT_KIND = "streamcoke.cli.cluster"
 # Options that change the result; a resumed run must use the same ones.
-RUN_OPTIONS = ("inputs", "n_clusters", "min_size_ratio", "max_size_ratio", "metric", "batch_size",
+RUN_OPTIONS = ("inputs", "n_clusters", "min_size_ratio", "max_size_ratio", "dual_lr", "metric", "batch_size",
                "seed", "field", "feature_column", "id_column", "shuffle_buffer", "on_error", "all_epochs")
 
 
@@ -37,6 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="number of clusters; several values run several clusterings (default: 10 for digits)")
     p.add_argument("--min-size-ratio", type=float, default=0.4, help="minimum share of each cluster, times K")
     p.add_argument("--max-size-ratio", type=float, default=None, help="maximum share of each cluster, times K")
+    p.add_argument("--dual-lr", type=float, default=None,
+                   help="constant dual step per sample (default: the tuning-free schedule); larger values "
+                        "trade objective for tighter cluster sizes")
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=5, help="passes over the input")
@@ -229,7 +232,8 @@ def cluster(args: argparse.Namespace) -> int:
     Ks = args.n_clusters or ([10] if y_true is not None else None)
     if Ks is None:
         raise SystemExit("streamcoke: --n-clusters is required with input files")
-    params = dict(min_size_ratio=args.min_size_ratio, max_size_ratio=args.max_size_ratio, metric=args.metric,
+    params = dict(min_size_ratio=args.min_size_ratio, max_size_ratio=args.max_size_ratio, dual_lr=args.dual_lr,
+                  metric=args.metric,
                   device=device, random_state=args.seed)
     km = OnlineConstrainedKMeans(Ks[0], **params) if len(Ks) == 1 else \
         MultiOnlineConstrainedKMeans(tuple(Ks), **params)

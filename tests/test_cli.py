@@ -100,6 +100,8 @@ def test_resume_gives_the_same_labels(capsys, data, tmp_path, monkeypatch):
     monkeypatch.setattr(OnlineConstrainedKMeans, "partial_fit", real)
     with pytest.raises(SystemExit, match="different options.*batch_size"):
         run(capsys, *args[:3], "--batch-size", 50, *args[5:], "--out", out, "--resume")
+    with pytest.raises(SystemExit, match=r"different options \(dual_lr\)"):
+        run(capsys, *args, "--dual-lr", 0.01, "--out", out, "--resume")
     run(capsys, *args, "--out", out, "--resume")
     full, part = pq.read_table(tmp_path / "full.parquet"), pq.read_table(out)
     assert part.num_rows == 9000 and part.to_pydict() == full.to_pydict()
@@ -132,3 +134,10 @@ def test_shards_bad_input_and_skip(capsys, data, tmp_path):
     assert "skipped 2 bad samples" in out
     ids = pq.read_table(tmp_path / "l.parquet").column("id").to_pylist()
     assert ids[:1000] == [f"{i:09d}" for i in range(1000)] and ids[-1000:] == [f"{i:09d}" for i in range(2000, 3000)]
+
+
+def test_constant_dual_step_option(capsys, data, tmp_path):
+    d, _ = data
+    run(capsys, d / "x.parquet", "--n-clusters", 12, "--batch-size", 100, "--epochs", 1, "--dual-lr", 0.05,
+        "--save", tmp_path / "m.st")
+    assert OnlineConstrainedKMeans.load(tmp_path / "m.st").dual_lr == 0.05

@@ -274,3 +274,17 @@ def test_imagenet_view_recipes_train_at_a_small_size(views, n_views):
     data = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
     trainer.fit(TensorImageSource(data, batch_size=8), progress=False)
     assert np.isfinite(trainer.history[-1]["loss"]) and trainer.memory.coverage() == 1.0
+
+
+def test_default_device_is_this_ranks_gpu(monkeypatch):
+    from streamcoke import distributed
+    from streamcoke.train import trainer as trainer_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trainer_module.default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert trainer_module.default_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun's rank on this machine, set_device never called
+    assert trainer_module.default_device() == torch.device("cuda", 3)
