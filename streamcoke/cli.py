@@ -233,8 +233,7 @@ def cluster(args: argparse.Namespace) -> int:
     if Ks is None:
         raise SystemExit("streamcoke: --n-clusters is required with input files")
     params = dict(min_size_ratio=args.min_size_ratio, max_size_ratio=args.max_size_ratio, dual_lr=args.dual_lr,
-                  metric=args.metric,
-                  device=device, random_state=args.seed)
+                  metric=args.metric, device=device, random_state=args.seed)
     km = OnlineConstrainedKMeans(Ks[0], **params) if len(Ks) == 1 else \
         MultiOnlineConstrainedKMeans(tuple(Ks), **params)
     ckpt = args.checkpoint or (Path(f"{args.out}.ckpt") if args.out else Path(f"{args.save}.ckpt") if args.save else None)

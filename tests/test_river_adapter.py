@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import doctest
 import importlib
-import itertools
 import math
 import pickle
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 river = pytest.importorskip("river")
 pd = pytest.importorskip("pandas")
 
-from river import checks, datasets, preprocessing, stream  # noqa: E402
+from river import checks, datasets, preprocessing  # noqa: E402
 from river.checks import common  # noqa: E402
 
 import streamcoke.adapters.river as adapter  # noqa: E402

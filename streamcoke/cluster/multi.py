@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
 
 import numpy as np
 from torch import Tensor

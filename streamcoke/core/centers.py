@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 
-
 def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int, n_heads: int = 1) -> Tensor:
     """Weighted sum of the members of every center, shape (n_centers, n_features).
 

@@ -46,8 +46,8 @@ def balanced_subset(labels_path: str | os.PathLike, out: str | os.PathLike, per_
     label_col, sim_col = f"label{suffix}", f"similarity{suffix}"
     missing = [c for c in ("id", label_col) if c not in names]
     if missing:
-        raise ValueError(f"{str(path)!r} has no column {' or '.join(map(repr, missing))} (columns: {', '.join(names)}); "
-                         f"expected a label file of `streamcoke cluster --out`"
+        raise ValueError(f"{str(path)!r} has no column {' or '.join(map(repr, missing))} "
+                         f"(columns: {', '.join(names)}); expected a label file of `streamcoke cluster --out`"
                          + (f" with clustering {clustering} of {n_clusterings}" if n_clusterings else ""))
     if suffix == "" and clustering != 0:
         raise ValueError(f"{str(path)!r} holds one clustering; clustering={clustering} does not exist")
