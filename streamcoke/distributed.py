@@ -19,6 +19,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK``'s under torchrun, even when the caller never called
+    ``torch.cuda.set_device``, which would otherwise put every rank on GPU 0), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if is_distributed() and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def collective_device(device: torch.device) -> torch.device:
     """Where a collective's tensors must be: gloo works on host tensors, NCCL on CUDA ones (a
     host tensor goes through this process's current GPU); a group with a backend per device

@@ -278,13 +278,13 @@ def test_imagenet_view_recipes_train_at_a_small_size(views, n_views):
 
 def test_default_device_is_this_ranks_gpu(monkeypatch):
     from streamcoke import distributed
-    from streamcoke.train import trainer as trainer_module
+    from streamcoke.cluster._base import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert trainer_module.default_device() == torch.device("cpu")
+    assert distributed.default_device() == resolve_device(None) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert trainer_module.default_device() == torch.device("cuda", 0)
+    assert distributed.default_device() == torch.device("cuda", 0)
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun's rank on this machine, set_device never called
-    assert trainer_module.default_device() == torch.device("cuda", 3)
+    assert distributed.default_device() == resolve_device(None) == torch.device("cuda", 3)

@@ -42,10 +42,9 @@ COUNTER_KEYS = ("n_features_in_", "n_samples_seen_", "n_steps_", "n_epochs_compl
 
 
 def resolve_device(device) -> torch.device:
-    """``None`` picks CUDA when it is available, the CPU otherwise."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``None`` picks this process's GPU when there is one (see
+    :func:`streamcoke.distributed.default_device`), the CPU otherwise."""
+    return distributed.default_device() if device is None else torch.device(device)
 
 
 class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator):

@@ -58,16 +58,6 @@ def recipe_views(recipe: Recipe) -> list[ViewSpec]:
     return views
 
 
-def default_device() -> torch.device:
-    """The GPU of this process (``LOCAL_RANK``'s under torchrun, even if the caller never called
-    ``torch.cuda.set_device``, which would otherwise put every rank on GPU 0), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if distributed.is_distributed() and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def build_network(recipe: Recipe) -> CoKeNetwork:
     kwargs = {"width": recipe.encoder_width} if recipe.encoder == "small" else {}
     encoder, dim = build_encoder(recipe.encoder, in_channels=recipe.in_channels, **kwargs)
@@ -115,7 +105,7 @@ class CoKeTrainer:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
         self.recipe = recipe
         self.n_samples = int(n_samples)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = torch.device(device) if device is not None else distributed.default_device()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed.is_distributed() else (0, 1)
         if recipe.batch_size % self.world:
             raise ValueError(f"batch_size {recipe.batch_size} is not divisible by the {self.world} ranks")
