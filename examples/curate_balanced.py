@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n-clusters", type=int, default=200)
     p.add_argument("--per-cluster", type=int, default=50)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--min-size-ratio", type=float, default=0.4,
                    help="each cluster's minimum share, times K (0: plain online k-means)")
     p.add_argument("--pick", choices=("random", "nearest"), default="random")
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
         truth = write_builtin(embeddings, args.rows, args.seed)
     labels = args.out / "labels.parquet"
     streamcoke(["cluster", str(embeddings), "--n-clusters", str(args.n_clusters), "--epochs", str(args.epochs),
-                "--min-size-ratio", str(args.min_size_ratio),
+                "--min-size-ratio", str(args.min_size_ratio), "--batch-size", str(args.batch_size),
                 "--seed", str(args.seed), "--out", str(labels), "--quiet"])
     subset = args.out / "subset.parquet"
     summary = balanced_subset(labels, subset, args.per_cluster, pick=args.pick, random_state=args.seed)
