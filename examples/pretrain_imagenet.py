@@ -105,8 +105,6 @@ def main(argv=None) -> None:
         device = distributed.init_from_env() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint.st"
-    if recipe.batch_size % world:
-        p.error(f"the batch size {recipe.batch_size} does not split evenly over {world} processes")
 
     source = ImageShardSource(args.shards, recipe.batch_size // world, load_size=recipe.load_size,
                                        shuffle_buffer=args.shuffle_buffer, num_workers=args.num_workers,

@@ -117,6 +117,9 @@ def test_balanced_subset_of_a_label_file(tmp_path):
     for k, group in out.groupby("label"):
         members = last[last.label == k].sort_values("similarity", ascending=False, kind="stable")
         assert set(group.id) == set(members.id[:40])
+    bare = tmp_path / "no_stats.parquet"  # a file without column statistics: the epochs are read
+    pq.write_table(pq.read_table(labels), bare, write_statistics=False)
+    assert balanced_subset(bare, tmp_path / "b.parquet", 40, pick="nearest")["epoch"] == 1
     first = balanced_subset(labels, tmp_path / "first.parquet", 40, epoch=0)
     assert first["epoch"] == 0 and first["rows"] == 3000
     multi = _label_file(tmp_path / "multi.parquet", n_clusterings=2, epochs=(0,))

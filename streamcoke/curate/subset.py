@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.checkpoint import atomic_write_bytes
@@ -95,5 +96,5 @@ def _last_epoch(f: pq.ParquetFile) -> int:
         best = stats.max if best is None else max(best, stats.max)
     if best is None:
         column = f.read(columns=["epoch"]).column(0)
-        best = pa.compute.max(column).as_py() if len(column) else 0
+        best = pc.max(column).as_py() if len(column) else 0
     return int(best)

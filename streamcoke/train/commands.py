@@ -93,9 +93,6 @@ def pretrain(args: argparse.Namespace) -> int:
                                 image_size=args.image_size, encoder=args.encoder,
                                 n_clusters=tuple(args.n_clusters) if args.n_clusters else None)
         world = dist.get_world_size() if distributed.is_distributed() else 1
-        if recipe.batch_size % world:
-            raise SystemExit(f"streamcoke pretrain: the batch size {recipe.batch_size} does not split evenly over "
-                             f"{world} processes; pass --batch-size as a multiple of {world}")
         per_rank = recipe.batch_size // world
         if digits:
             images, targets = load_digits_images()
