@@ -4,7 +4,8 @@ Side by side in one run, on the same batches: the bare similarity matrix multipl
 physical floor of the step), the multiply followed by the row-wise argmax (plain
 nearest-center assignment with nothing else: the floor of any k-means step, which shows how
 much of the gap to the multiply is the argmax's pass over the score matrix and how much the
-rest of the step), our ``partial_fit`` on torch and on numpy input, and scikit-learn's
+rest of the step), our ``partial_fit`` on torch and on numpy input (and, on the CPU, with the
+fused kernels of ``streamcoke.core.cpu`` switched off, which shows what they save), and scikit-learn's
 ``MiniBatchKMeans.partial_fit``. Prints a Markdown table of samples/s and
 ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, table, throughput, write_json  # noqa: E402
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
+from streamcoke.core import cpu  # noqa: E402
 from streamcoke.core.assign import row_argmax  # noqa: E402
 
 
@@ -81,7 +83,13 @@ def main(argv=None) -> dict:
             mbk = MiniBatchKMeans(K, init=init.numpy(), n_init=1, batch_size=b, random_state=0)
             return throughput(lambda i: mbk.partial_fit(Xn[batch(i)]), b, n_steps=max(1, args.batches // 3))
 
+        def run_ours_torch_ops():
+            with cpu.use_cpu_kernels(False):
+                return run_ours_torch()
+
         contenders["streamcoke partial_fit (numpy)"] = run_ours_numpy
+        if cpu.kernels() is not None:
+            contenders["streamcoke partial_fit (torch, fused CPU kernels off)"] = run_ours_torch_ops
         contenders["scikit-learn MiniBatchKMeans.partial_fit"] = run_sklearn
 
     rates = interleaved(contenders, args.rounds)

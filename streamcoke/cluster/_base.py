@@ -21,13 +21,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
-from ..core.assign import assign, flat_labels, head_argmax, winning_scores
-from ..core.centers import ema_update, member_sums, running_mean_update, scatter_sum
+from ..core.assign import assign, biased_argmax, flat_labels
+from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update, scatter_sum
 from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step
 from ..core.init import initial_centers
-from ..core.schedule import GAP_ROWS, constant_plan, default_plan, gap_sums, update_gap
-from ..core.similarity import biased_scores, prepare, row_offset, scores
+from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
+from ..core.similarity import prepare, row_offset, score_terms, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -329,18 +329,21 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         lower, upper = self._share_bounds()
         rho, mu = s["rho"], s["mu"]
         bias0 = rho - mu
-        Z = biased_scores(Xp, s["centers"], bias0, self.metric, out=self._score_buffer(n, dev))
-        labels = head_argmax(Z, sizes)
+        # The multiply alone; the per-center terms (duals, and -||c||^2 for Euclidean) are added
+        # where the scores are read, so re-assigning with new duals needs no new multiply.
+        alpha, terms = score_terms(s["centers"], bias0, self.metric)
+        Z = torch.mm(Xp, s["centers"].T, out=self._score_buffer(n, dev))
+        use_default = self.dual_lr is None
+        n_gap_rows = min(GAP_ROWS, n) if use_default else 0
+        labels, best, batch_gap_sums = biased_argmax(Z, terms, sizes, alpha, n_gap_rows)
         rows = flat_labels(labels, sizes)
         local_counts = self._counts(rows, w)
 
         # Batch totals and, for the default schedule, the score-gap statistic (summed over ranks).
-        use_default = self.dual_lr is None
-        n_gap_rows = min(GAP_ROWS, n) if use_default else 0
         weight = float(n) if w is None else float(w.double().sum())
         totals = torch.tensor([weight, float(n), float(n_gap_rows)], dtype=torch.float64, device=dev)
         if use_default:
-            totals = torch.cat([totals, gap_sums(Z, labels, sizes, n_gap_rows).to(dev)])
+            totals = torch.cat([totals, batch_gap_sums])
         totals, counts = distributed.all_reduce_sum(totals, local_counts)
         totals = totals.tolist()
         batch_weight, n_rows = totals[0], int(totals[1])
@@ -361,9 +364,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         bias_used = bias0
         for it in range(max(plan.n_iter)):
             if it > 0:
-                Z.add_((rho - mu) - bias_used)  # Z is scratch: re-bias it in place
                 bias_used = rho - mu
-                labels = head_argmax(Z, sizes)
+                labels, best, _ = biased_argmax(Z, score_terms(s["centers"], bias_used, self.metric)[1],
+                                                sizes, alpha)
                 rows = flat_labels(labels, sizes)
                 local_counts = self._counts(rows, w)
                 counts, = distributed.all_reduce_sum(local_counts)
@@ -376,22 +379,29 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
 
         # Certificate terms: sum of the winning biased scores, and of the bias they contain
         # (counts . bias, so no per-sample gather is needed).
-        best = winning_scores(Z, labels, sizes, row_offset(Xp, self.metric)).double()
+        offset = row_offset(Xp, self.metric)
+        best = (best if offset is None else best + offset.unsqueeze(1)).double()
         if w is not None:
             best = best * w.double().unsqueeze(1)
         row_max = best.sum(0)
         paid = local_counts * bias_used.double()
         bias_paid = paid.sum().reshape(1) if H == 1 else torch.stack([p.sum() for p in torch.split(paid, list(sizes))])
         cert = torch.cat([row_max - bias_paid, row_max])
+        epoch_counts = s["epoch_counts"] + counts
         if self.center_update == "none":
             cert, = distributed.all_reduce_sum(cert)
             new = {}
-        else:
+        elif self.center_update == "mean" and not distributed.is_distributed():
+            cert, = distributed.all_reduce_sum(cert)
+            centers, epoch_sums = running_mean_step(Xp, rows, w, s["centers"], s["epoch_sums"], epoch_counts,
+                                                    H, self.metric)
+            new = {"centers": centers, "epoch_sums": epoch_sums}
+        else:  # the ranks' member sums are added up before any center moves
             sums = member_sums(Xp, rows, w, sum(sizes), H)
             cert, sums = distributed.all_reduce_sum(cert, sums)
             if self.center_update == "mean":
-                centers, epoch_sums = running_mean_update(
-                    s["centers"], s["epoch_sums"], s["epoch_counts"] + counts, sums, self.metric)
+                centers, epoch_sums = running_mean_update(s["centers"], s["epoch_sums"], epoch_counts, sums,
+                                                          self.metric)
                 new = {"centers": centers, "epoch_sums": epoch_sums}
             else:
                 new = {"centers": ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)}
@@ -399,7 +409,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         correction = streaming_bound_correction(s["reference_net"], bias_used, sizes).double() * batch_weight
         self._state = {
             **s, **new, "rho": rho, "mu": mu, "gap": gap,
-            "epoch_counts": s["epoch_counts"] + counts,
+            "epoch_counts": epoch_counts,
             "epoch_objective": s["epoch_objective"] + cert[:H],
             "epoch_row_max": s["epoch_row_max"] + cert[H:],
             "epoch_correction": s["epoch_correction"] + correction,

@@ -13,7 +13,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .similarity import biased_scores, row_offset
+from . import cpu
+from .schedule import gap_sums
+from .similarity import row_offset, score_terms
 
 
 def head_offsets(sizes: Sequence[int]) -> list[int]:
@@ -47,9 +49,35 @@ def assign(
     labels : (n, n_heads) int64, each head's label counted from 0 within the head.
     best : (n, n_heads) ``max_k (s_ik + bias_k)`` with the true scores ``s`` (for certificates).
     """
-    Z = biased_scores(X, centers, bias, metric)
-    labels = head_argmax(Z, sizes)
-    return labels, winning_scores(Z, labels, sizes, row_offset(X, metric))
+    alpha, b = score_terms(centers, bias, metric)
+    labels, best, _ = biased_argmax(X @ centers.T, b, sizes, alpha)
+    offset = row_offset(X, metric)
+    return labels, best if offset is None else best + offset.unsqueeze(1)
+
+
+def biased_argmax(Z: Tensor, bias: Tensor, sizes: Sequence[int], alpha: float = 1.0,
+                  gap_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head argmax of the biased scores ``alpha * Z + bias``.
+
+    ``Z`` is the raw (n, sum(sizes)) product of samples and centers and is left unchanged; the
+    terms of :func:`streamcoke.core.similarity.score_terms` turn it into biased scores.
+
+    Returns
+    -------
+    labels : (n, n_heads) int64, counted within each head (the first maximum wins ties).
+    best : (n, n_heads) float32, the winning biased scores.
+    gap : (2 * n_heads,) float64, the sums of :func:`streamcoke.core.schedule.gap_sums` over
+        the first ``gap_rows`` rows (zeros when ``gap_rows`` is 0).
+    """
+    kernels = cpu.kernels() if Z.device.type == "cpu" and Z.dtype == torch.float32 else None
+    if kernels is not None:
+        return tuple(kernels.biased_argmax(Z.contiguous(), bias.contiguous(), float(alpha), list(sizes),
+                                           int(gap_rows)))
+    Zb = torch.add(bias, Z, alpha=alpha)
+    labels = head_argmax(Zb, sizes)
+    gap = gap_sums(Zb, labels, sizes, gap_rows) if gap_rows > 0 else torch.zeros(2 * len(sizes),
+                                                                                 dtype=torch.float64)
+    return labels, winning_scores(Zb, labels, sizes), gap.to(Z.device)
 
 
 def head_argmax(Z: Tensor, sizes: Sequence[int]) -> Tensor:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu
+
 
 def member_sums(X: Tensor, rows: Tensor, weights: Tensor | None, n_centers: int, n_heads: int = 1) -> Tensor:
     """Weighted sum of the members of every center, shape (n_centers, n_features).
@@ -69,6 +71,20 @@ def running_mean_update(centers: Tensor, epoch_sums: Tensor, epoch_counts: Tenso
     inf = torch.full((), torch.inf, dtype=denominators.dtype, device=denominators.device)
     centers_new = epoch_sums / torch.where(has_members, denominators, inf).to(epoch_sums.dtype).unsqueeze(1)
     return centers_new.addcmul_(centers, (~has_members).to(centers.dtype).unsqueeze(1)), epoch_sums
+
+
+def running_mean_step(X: Tensor, rows: Tensor, weights: Tensor | None, centers: Tensor, epoch_sums: Tensor,
+                      epoch_counts: Tensor, n_heads: int, metric: str) -> tuple[Tensor, Tensor]:
+    """:func:`member_sums` of a batch folded into :func:`running_mean_update` in one call;
+    ``epoch_counts`` already include the batch. On the CPU one fused pass over the centers."""
+    kernels = cpu.kernels() if X.device.type == "cpu" and X.dtype == torch.float32 else None
+    if kernels is not None:
+        w = torch.empty(0) if weights is None else weights.float().contiguous()
+        return tuple(kernels.running_mean_update(X.contiguous(), rows.contiguous(), w, epoch_sums.contiguous(),
+                                                 epoch_counts.double().contiguous(), centers.contiguous(),
+                                                 metric == "cosine"))
+    sums = member_sums(X, rows, weights, centers.shape[0], n_heads)
+    return running_mean_update(centers, epoch_sums, epoch_counts, sums, metric)
 
 
 def ema_update(centers: Tensor, batch_sums: Tensor, batch_counts: Tensor, momentum: float,

@@ -49,6 +49,15 @@ def biased_scores(X: Tensor, centers: Tensor, bias: Tensor, metric: str, out: Te
     return torch.addmm(bias.unsqueeze(0), X, centers.T, alpha=alpha, out=out)
 
 
+def score_terms(centers: Tensor, bias: Tensor, metric: str) -> tuple[float, Tensor]:
+    """``(alpha, b)`` such that ``alpha * (X @ centers.T) + b`` are the biased scores of
+    :func:`biased_scores`: the multiply can then be done alone, and the cheap per-center terms
+    added where the scores are next read (so a new bias needs no new multiply)."""
+    if metric == "cosine":
+        return 1.0, bias
+    return 2.0, bias - (centers * centers).sum(dim=1)
+
+
 def row_offset(X: Tensor, metric: str) -> Tensor | None:
     """The per-row constant that :func:`biased_scores` leaves out (``None`` when there is none)."""
     if metric == "cosine":

@@ -1,0 +1,82 @@
+"""Fused CPU kernels for the step of online constrained k-means, compiled on first use.
+
+On the CPU, what follows the scoring multiply (a per-head argmax over the score matrix, the
+score-gap statistic, the running-mean center update) costs as much as half the multiply again
+as a chain of torch operations. ``step.cpp`` does it in one pass over the scores and one over the
+centers. It is compiled once per machine with torch's extension builder (a C++ compiler and
+ninja are needed; the build is cached under torch's extension folder, ``TORCH_EXTENSIONS_DIR``)
+and loaded through pybind11, never unpickled.
+
+Where it cannot be built, or with ``STREAMCOKE_CPU_KERNELS=0``, the torch implementations in
+:mod:`streamcoke.core` are used instead, with a warning; they are also the GPU path, and the
+tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("step.cpp")
+ENV_FLAG = "STREAMCOKE_CPU_KERNELS"
+_lock = threading.Lock()
+_module = None
+_tried = False
+_disabled = 0  # depth of use_cpu_kernels(False) blocks
+
+
+def _build_name() -> str:
+    digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    return f"streamcoke_cpu_step_{digest}"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    name = _build_name()
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("streamcoke: compiling the CPU kernels (once per machine, about a minute)...",
+              file=sys.stderr, flush=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+        extra_cflags=["-O3", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
+
+
+def kernels():
+    """The compiled module, or None where it is switched off or could not be built."""
+    global _module, _tried
+    if _disabled or os.environ.get(ENV_FLAG, "1") == "0":
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _module = _build()
+                except Exception as exc:  # no compiler, no ninja, a failed build
+                    warnings.warn(
+                        f"streamcoke: the fused CPU kernels could not be built ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the "
+                        f"slower torch implementation. Set {ENV_FLAG}=0 to silence this.",
+                        RuntimeWarning, stacklevel=3)
+                    _module = None
+                _tried = True
+    return _module
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(enabled: bool):
+    """Within the block, ``enabled=False`` routes CPU work through the torch implementations
+    (for comparing the two, and for timing the difference)."""
+    global _disabled
+    _disabled += 0 if enabled else 1
+    try:
+        yield
+    finally:
+        _disabled -= 0 if enabled else 1

@@ -1,0 +1,264 @@
+// Fused CPU kernels for one step of online constrained k-means.
+//
+// The multiply that scores a batch against every center is left to the BLAS (torch.mm). What
+// follows it on the CPU is memory-bound work over the (n, K) score matrix and the (K, d)
+// centers, which as a chain of torch operations costs more than half the multiply again (every
+// operation is one more pass over memory, one more dispatch and one more thread fork-join).
+// Here it is one pass over the scores and one over the centers, split across torch's threads.
+//
+// Both kernels have a torch reference implementation in streamcoke/core (the GPU path and the
+// fallback); the tests check that the two agree.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// One build serves any x86-64 processor: the loader picks the widest instruction set it has.
+#define SC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SC_CLONES
+#endif
+
+namespace {
+
+// Sixteen lanes in GCC's portable vector types: one AVX-512 register, two AVX2 ones, or four
+// SSE ones, depending on the clone the loader picks.
+constexpr int64_t kLanes = 16;
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+// max_j (alpha * z_j + b_j) over one head's block of a row, and the first j that reaches it
+// (numpy's argmax convention): each lane keeps its best value and column, merged at the end.
+SC_CLONES float biased_argmax_row(const float* z, const float* b, float alpha, int64_t k, int64_t* arg) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vfloat best = splat(ninf);
+  vint where{}, column{};
+  for (int64_t l = 0; l < kLanes; ++l) column[l] = static_cast<int32_t>(l);
+  const vfloat va = splat(alpha);
+  const int64_t full = k - k % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vfloat v = va * load(z + j) + load(b + j);
+    const vint better = v > best;
+    best = better ? v : best;
+    where = better ? column : where;
+    column += kLanes;
+  }
+  float m = ninf;
+  int64_t a = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {  // highest value, then lowest column
+    if (best[l] > m || (best[l] == m && where[l] < a)) {
+      m = best[l];
+      a = where[l];
+    }
+  }
+  for (int64_t j = full; j < k; ++j) {  // the tail comes after every lane's columns
+    const float v = alpha * z[j] + b[j];
+    if (v > m) {
+      m = v;
+      a = j;
+    }
+  }
+  *arg = a;
+  return m;
+}
+
+// max_j (alpha * z_j + b_j) over a block (no position).
+SC_CLONES float biased_max(const float* z, const float* b, float alpha, int64_t k) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vfloat best = splat(ninf);
+  const vfloat va = splat(alpha);
+  const int64_t full = k - k % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vfloat v = va * load(z + j) + load(b + j);
+    best = v > best ? v : best;
+  }
+  float m = ninf;
+  for (int64_t l = 0; l < kLanes; ++l) m = best[l] > m ? best[l] : m;
+  for (int64_t j = full; j < k; ++j) {
+    const float v = alpha * z[j] + b[j];
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Row sum sum_j x_j^2 in a fixed order.
+SC_CLONES float squared_norm(const float* x, int64_t d) {
+  float s = 0.0f;
+  for (int64_t j = 0; j < d; ++j) s += x[j] * x[j];
+  return s;
+}
+
+SC_CLONES void add_row(float* acc, const float* x, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += x[j];
+}
+
+SC_CLONES void add_scaled_row(float* acc, const float* x, float w, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    const float p = x[j] * w;  // rounded before the sum, as X * w then index_add_ would
+    acc[j] += p;
+  }
+}
+
+void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-D tensor");
+}
+
+}  // namespace
+
+// Per-head argmax of alpha * Z + bias, the winning value, and the score-gap statistic.
+//
+// Z: (n, sum(sizes)) raw scores; bias: (sum(sizes),). Returns
+//   labels (n, H) int64, counted within each head;
+//   best (n, H) float32, the winning biased score;
+//   gap (2H,) float64: over the first gap_rows rows, the summed difference between the best and
+//   the second-best biased score of each head, then the summed magnitude of the best one.
+std::vector<at::Tensor> biased_argmax(const at::Tensor& Z, const at::Tensor& bias, double alpha,
+                                      const std::vector<int64_t>& sizes, int64_t gap_rows) {
+  check_cpu_float(Z, "Z", 2);
+  check_cpu_float(bias, "bias", 1);
+  const int64_t n = Z.size(0), ktot = Z.size(1), H = static_cast<int64_t>(sizes.size());
+  int64_t total = 0;
+  for (int64_t k : sizes) total += k;
+  TORCH_CHECK(total == ktot && bias.size(0) == ktot, "sizes do not add up to the score columns");
+  gap_rows = std::min(std::max<int64_t>(gap_rows, 0), n);
+
+  auto labels = at::empty({n, H}, Z.options().dtype(at::kLong));
+  auto best = at::empty({n, H}, Z.options());
+  std::vector<float> second(static_cast<size_t>(gap_rows * H));
+  std::vector<int64_t> offsets(H);
+  for (int64_t h = 0, o = 0; h < H; o += sizes[h], ++h) offsets[h] = o;
+
+  const float* z = Z.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  int64_t* lab = labels.data_ptr<int64_t>();
+  float* top = best.data_ptr<float>();
+
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = z + i * ktot;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = offsets[h], k = sizes[h];
+        int64_t j = 0;
+        const float m = biased_argmax_row(row + o, b + o, a, k, &j);
+        lab[i * H + h] = j;
+        top[i * H + h] = m;
+        if (i < gap_rows) {
+          // Second best: the best of the columns either side of the winner.
+          float s = m;
+          if (k > 1) {
+            const float left = j > 0 ? biased_max(row + o, b + o, a, j)
+                                     : -std::numeric_limits<float>::infinity();
+            const float right = j + 1 < k ? biased_max(row + o + j + 1, b + o + j + 1, a, k - j - 1)
+                                          : -std::numeric_limits<float>::infinity();
+            s = left > right ? left : right;
+          }
+          second[i * H + h] = s;
+        }
+      }
+    }
+  });
+
+  // Summed in row order, so the statistic does not depend on the thread count.
+  auto gap = at::zeros({2 * H}, Z.options().dtype(at::kDouble));
+  double* g = gap.data_ptr<double>();
+  for (int64_t i = 0; i < gap_rows; ++i) {
+    for (int64_t h = 0; h < H; ++h) {
+      const double t = top[i * H + h];
+      g[h] += t - static_cast<double>(second[i * H + h]);
+      g[H + h] += std::abs(t);
+    }
+  }
+  return {labels, best, gap};
+}
+
+// Fold a batch's members into the epoch's running means (center_update="mean").
+//
+// X: (n, d) prepared samples; rows: (n * H,) flat head-major center index of every sample and
+// head; weights: (n,) or an empty tensor; epoch_sums and centers: (K, d); counts: (K,) float64,
+// the epoch's counts including this batch. Returns (centers, epoch_sums), new tensors. Each
+// center's members are added in sample order, as index_add_ does, so the sums carry the same
+// bits; the cosine metric re-normalises the sum, the Euclidean one divides it by the count, and
+// a center without members keeps its previous value.
+std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tensor& rows,
+                                            const at::Tensor& weights, const at::Tensor& epoch_sums,
+                                            const at::Tensor& counts, const at::Tensor& centers,
+                                            bool cosine) {
+  check_cpu_float(X, "X", 2);
+  check_cpu_float(epoch_sums, "epoch_sums", 2);
+  check_cpu_float(centers, "centers", 2);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows must be int64");
+  TORCH_CHECK(counts.scalar_type() == at::kDouble && counts.is_contiguous(), "counts must be float64");
+  const int64_t n = X.size(0), d = X.size(1), K = centers.size(0), m = rows.size(0);
+  TORCH_CHECK(n > 0 && m % n == 0, "rows must hold a whole number of heads");
+  TORCH_CHECK(epoch_sums.size(0) == K && epoch_sums.size(1) == d && centers.size(1) == d &&
+                  counts.size(0) == K, "state shapes disagree");
+  const bool weighted = weights.numel() > 0;
+  if (weighted) check_cpu_float(weights, "weights", 1);
+
+  // Members of every center, in sample order (a stable counting sort of rows).
+  const int64_t* r = rows.data_ptr<int64_t>();
+  std::vector<int64_t> start(K + 1, 0), members(m);
+  for (int64_t t = 0; t < m; ++t) {
+    TORCH_CHECK(r[t] >= 0 && r[t] < K, "center index out of range");
+    ++start[r[t] + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < m; ++t) members[fill[r[t]]++] = t % n;
+  }
+
+  auto new_sums = at::empty_like(epoch_sums);
+  auto new_centers = at::empty_like(centers);
+  const float* x = X.data_ptr<float>();
+  const float* w = weighted ? weights.data_ptr<float>() : nullptr;
+  const float* es = epoch_sums.data_ptr<float>();
+  const float* c = centers.data_ptr<float>();
+  const double* cnt = counts.data_ptr<double>();
+  float* ns = new_sums.data_ptr<float>();
+  float* nc = new_centers.data_ptr<float>();
+
+  at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {
+    std::vector<float> acc(d);
+    for (int64_t k = k0; k < k1; ++k) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = start[k]; t < start[k + 1]; ++t) {
+        const int64_t i = members[t];
+        if (weighted) add_scaled_row(acc.data(), x + i * d, w[i], d);
+        else add_row(acc.data(), x + i * d, d);
+      }
+      float* s = ns + k * d;
+      for (int64_t j = 0; j < d; ++j) s[j] = es[k * d + j] + acc[j];
+      float* out = nc + k * d;
+      if (!(cnt[k] > 0)) {
+        std::copy(c + k * d, c + (k + 1) * d, out);
+        continue;
+      }
+      const float denom = cosine ? std::max(std::sqrt(squared_norm(s, d)), 1e-12f)
+                                 : static_cast<float>(cnt[k]);
+      for (int64_t j = 0; j < d; ++j) out[j] = s[j] / denom;
+    }
+  });
+  return {new_centers, new_sums};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap");
+  m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch");
+}

@@ -1,0 +1,128 @@
+"""The fused CPU kernels against the torch implementations they replace on the CPU.
+
+The same torch code is the GPU path and the fallback where the kernels cannot be built, so
+every comparison here runs both and requires them to agree: labels exactly, values to float32
+rounding, whole streams batch by batch.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from streamcoke import MultiOnlineConstrainedKMeans, OnlineConstrainedKMeans
+from streamcoke.core import cpu
+from streamcoke.core.assign import biased_argmax
+from streamcoke.core.centers import running_mean_step
+from streamcoke.core.cpu import use_cpu_kernels
+from streamcoke.core.similarity import prepare, score_terms
+
+pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
+
+
+@pytest.mark.parametrize("sizes", [(1,), (7,), (16,), (33,), (5, 16, 40)])
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_biased_argmax_matches_torch(sizes, alpha):
+    g = torch.Generator().manual_seed(sum(sizes))
+    Z = torch.randn(300, sum(sizes), generator=g)
+    Z[:, -1] = Z[:, 0]  # exact ties: the first column must win, as numpy's argmax has it
+    bias = torch.rand(sum(sizes), generator=g) * 0.1
+    bias[-1] = bias[0]
+    fast = biased_argmax(Z, bias, sizes, alpha, gap_rows=100)
+    with use_cpu_kernels(False):
+        ref = biased_argmax(Z, bias, sizes, alpha, gap_rows=100)
+    assert torch.equal(fast[0], ref[0])
+    assert torch.equal(fast[1], ref[1])
+    assert torch.allclose(fast[2], ref[2], rtol=1e-6, atol=1e-9)
+    assert torch.equal(Z[:, -1], Z[:, 0])  # the scores are read, never written
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_running_mean_step_matches_torch(metric, weighted):
+    g = torch.Generator().manual_seed(3)
+    sizes = (6, 9)  # center 5, the last of the first head, receives no member
+    X = prepare(torch.randn(80, 5, generator=g), metric)
+    centers = prepare(torch.randn(15, 5, generator=g), metric)
+    labels = torch.stack([torch.randint(0, sizes[0] - 1, (80,), generator=g),
+                          torch.randint(0, sizes[1], (80,), generator=g)], 1)
+    rows = (labels + torch.tensor([0, sizes[0]])).T.reshape(-1)
+    w = torch.rand(80, generator=g) if weighted else None
+    epoch_sums = torch.randn(15, 5, generator=g)
+    epoch_sums[5] = 0
+    counts = torch.bincount(rows, minlength=15).double()
+    fast = running_mean_step(X, rows, w, centers, epoch_sums, counts, len(sizes), metric)
+    with use_cpu_kernels(False):
+        ref = running_mean_step(X, rows, w, centers, epoch_sums, counts, len(sizes), metric)
+    assert torch.equal(fast[1], ref[1])  # member sums added in the same order: the same bits
+    assert torch.allclose(fast[0], ref[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(fast[0][5], centers[5])  # no member: unchanged
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("max_size_ratio", [None, 1.5])
+def test_a_stream_is_the_same_with_and_without_the_kernels(metric, max_size_ratio):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(12 * 256, 12)) + rng.normal(size=(12 * 256, 1)) * 3).astype(np.float32)
+
+    def run(enabled):
+        with use_cpu_kernels(enabled):
+            km = OnlineConstrainedKMeans(30, metric=metric, max_size_ratio=max_size_ratio, random_state=0,
+                                         device="cpu")
+            labels = []
+            for i in range(12):
+                km.partial_fit(X[i * 256:(i + 1) * 256])
+                labels.append(km.labels_)
+            return km, np.concatenate(labels)
+
+    (fast, lf), (ref, lr) = run(True), run(False)
+    assert np.mean(lf == lr) > 0.999  # float32 rounding of a center norm may flip a near-tie
+    np.testing.assert_allclose(fast.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    np.testing.assert_allclose(fast.duals_, ref.duals_, atol=1e-5)
+    assert fast.epoch_objective_ == pytest.approx(ref.epoch_objective_, rel=1e-5)
+
+
+def test_multi_head_stream_with_weights_and_inner_steps_matches_torch():
+    # Batch 2048 against K = 10: several quotas per cluster, so the schedule takes inner steps.
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(4 * 2048, 8)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, size=len(X)).astype(np.float32)
+
+    def run(enabled):
+        with use_cpu_kernels(enabled):
+            km = MultiOnlineConstrainedKMeans((10, 25), random_state=0, device="cpu")
+            for i in range(4):
+                km.partial_fit(X[i * 2048:(i + 1) * 2048], sample_weight=w[i * 2048:(i + 1) * 2048])
+            return km
+
+    fast, ref = run(True), run(False)
+    for a, b in zip(fast.labels_, ref.labels_):
+        assert np.mean(a == b) > 0.999
+    for a, b in zip(fast.cluster_centers_, ref.cluster_centers_):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_score_terms_give_the_biased_scores():
+    g = torch.Generator().manual_seed(4)
+    X, C, bias = torch.randn(20, 4, generator=g), torch.randn(6, 4, generator=g), torch.rand(6, generator=g)
+    alpha, b = score_terms(C, bias, "euclidean")
+    ref = -torch.cdist(X, C) ** 2 + bias + (X * X).sum(1, keepdim=True)
+    assert torch.allclose(alpha * (X @ C.T) + b, ref, atol=1e-4)
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "_tried", False)
+
+    def broken():
+        raise RuntimeError("no compiler\nError building extension 'streamcoke_cpu_step'")
+
+    monkeypatch.setattr(cpu, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built.*Error building extension"):
+        assert cpu.kernels() is None
+    km = OnlineConstrainedKMeans(4, random_state=0, device="cpu").fit(np.random.default_rng(0).normal(size=(64, 3)))
+    assert km.labels_.shape == (64,)
+
+
+def test_the_environment_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_FLAG, "0")
+    assert cpu.kernels() is None
