@@ -39,7 +39,7 @@ _PLAIN_NUMBERS = frozenset({float, int, bool})
 # ------------------------------------------------------------------------------ pure numpy maths
 def biased_scores_one(centers: np.ndarray, offset: np.ndarray, v: np.ndarray, metric: str) -> np.ndarray:
     """``s_k + rho_k - mu_k`` for one prepared sample, up to a constant that does not change the
-    winner (the numpy twin of :func:`streamcoke.core.similarity.biased_scores`).
+    winner (the numpy twin of :func:`streamcoke.core.similarity.score_terms`).
 
     ``offset`` is ``rho - mu`` for cosine and ``rho - mu - ||c||^2`` for Euclidean, kept up to date
     by the caller so that assignment is one matrix-vector product.

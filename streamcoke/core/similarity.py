@@ -34,32 +34,22 @@ def scores(X: Tensor, centers: Tensor, metric: str) -> Tensor:
     return torch.addmm(sq_c.neg().unsqueeze(0), X, centers.T, alpha=2.0).sub_(sq_x)
 
 
-def biased_scores(X: Tensor, centers: Tensor, bias: Tensor, metric: str, out: Tensor | None = None) -> Tensor:
-    """``scores(X, centers) + bias`` up to a per-row constant, in one fused multiply-add.
+def score_terms(centers: Tensor, bias: Tensor, metric: str) -> tuple[float, Tensor]:
+    """``(alpha, b)`` such that ``alpha * (X @ centers.T) + b`` are the biased scores
+    ``scores(X, centers) + bias`` up to a per-row constant.
 
     The per-row term ``-||x||^2`` of the Euclidean metric does not change which center wins, so
-    it is left out here; :func:`row_offset` returns it for callers that need true scores.
-    ``out`` is an optional preallocated (n, n_centers) result.
+    it is left out; :func:`row_offset` returns it for callers that need true scores. Keeping the
+    multiply apart lets the cheap per-center terms be added where the scores are next read, so a
+    new bias needs no new multiply.
     """
-    if metric == "euclidean":
-        bias = bias - (centers * centers).sum(dim=1)
-    alpha = 1.0 if metric == "cosine" else 2.0
-    if out is None:
-        return torch.addmm(bias.unsqueeze(0), X, centers.T, alpha=alpha)
-    return torch.addmm(bias.unsqueeze(0), X, centers.T, alpha=alpha, out=out)
-
-
-def score_terms(centers: Tensor, bias: Tensor, metric: str) -> tuple[float, Tensor]:
-    """``(alpha, b)`` such that ``alpha * (X @ centers.T) + b`` are the biased scores of
-    :func:`biased_scores`: the multiply can then be done alone, and the cheap per-center terms
-    added where the scores are next read (so a new bias needs no new multiply)."""
     if metric == "cosine":
         return 1.0, bias
     return 2.0, bias - (centers * centers).sum(dim=1)
 
 
 def row_offset(X: Tensor, metric: str) -> Tensor | None:
-    """The per-row constant that :func:`biased_scores` leaves out (``None`` when there is none)."""
+    """The per-row constant that :func:`score_terms` leaves out (``None`` when there is none)."""
     if metric == "cosine":
         return None
     return (X * X).sum(dim=1).neg()
