@@ -16,9 +16,10 @@ from streamcoke.core.centers import running_mean_step
 from streamcoke.core.cpu import use_cpu_kernels
 from streamcoke.core.similarity import prepare, score_terms
 
-pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
+needs_kernels = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
 
 
+@needs_kernels
 @pytest.mark.parametrize("sizes", [(1,), (7,), (16,), (33,), (5, 16, 40)])
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
 def test_biased_argmax_matches_torch(sizes, alpha):
@@ -36,6 +37,7 @@ def test_biased_argmax_matches_torch(sizes, alpha):
     assert torch.equal(Z[:, -1], Z[:, 0])  # the scores are read, never written
 
 
+@needs_kernels
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_running_mean_step_matches_torch(metric, weighted):
@@ -58,6 +60,7 @@ def test_running_mean_step_matches_torch(metric, weighted):
     assert torch.equal(fast[0][5], centers[5])  # no member: unchanged
 
 
+@needs_kernels
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("max_size_ratio", [None, 1.5])
 def test_a_stream_is_the_same_with_and_without_the_kernels(metric, max_size_ratio):
@@ -81,6 +84,7 @@ def test_a_stream_is_the_same_with_and_without_the_kernels(metric, max_size_rati
     assert fast.epoch_objective_ == pytest.approx(ref.epoch_objective_, rel=1e-5)
 
 
+@needs_kernels
 def test_multi_head_stream_with_weights_and_inner_steps_matches_torch():
     # Batch 2048 against K = 10: several quotas per cluster, so the schedule takes inner steps.
     rng = np.random.default_rng(1)

@@ -46,7 +46,7 @@ def _build():
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-        extra_cflags=["-O3", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
+        extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
 
 
 def kernels():

@@ -202,14 +202,19 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
   check_cpu_float(X, "X", 2);
   check_cpu_float(epoch_sums, "epoch_sums", 2);
   check_cpu_float(centers, "centers", 2);
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows must be int64");
-  TORCH_CHECK(counts.scalar_type() == at::kDouble && counts.is_contiguous(), "counts must be float64");
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
+                  rows.is_contiguous(), "rows must be a contiguous int64 CPU tensor");
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kDouble && counts.is_contiguous(),
+              "counts must be a contiguous float64 CPU tensor");
   const int64_t n = X.size(0), d = X.size(1), K = centers.size(0), m = rows.size(0);
   TORCH_CHECK(n > 0 && m % n == 0, "rows must hold a whole number of heads");
   TORCH_CHECK(epoch_sums.size(0) == K && epoch_sums.size(1) == d && centers.size(1) == d &&
                   counts.size(0) == K, "state shapes disagree");
   const bool weighted = weights.numel() > 0;
-  if (weighted) check_cpu_float(weights, "weights", 1);
+  if (weighted) {
+    check_cpu_float(weights, "weights", 1);
+    TORCH_CHECK(weights.size(0) == n, "weights must hold one value per sample");
+  }
 
   // Members of every center, in sample order (a stable counting sort of rows).
   const int64_t* r = rows.data_ptr<int64_t>();
