@@ -114,6 +114,7 @@ def test_score_terms_give_the_biased_scores():
 
 
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.delenv(cpu.ENV_FLAG, raising=False)
     monkeypatch.setattr(cpu, "_module", None)
     monkeypatch.setattr(cpu, "_tried", False)
 
