@@ -4,7 +4,10 @@ For every configuration (d features, K clusters, batches of b rows, float32, uni
 fixed random initial centers), side by side in one run, the contenders interleaved round by
 round (median of the rounds):
 
-- ``matmul (floor)``: the bare similarity multiply ``X @ C.T`` of one batch, on ``--device``;
+- ``matmul``: the bare similarity multiply ``X @ C.T`` of one batch by torch's BLAS, on
+  ``--device``; and on a CPU with AVX-512 ``matmul (kernel)``, the same multiply by the kernel
+  of ``streamcoke.core.cpu`` that ``partial_fit`` uses there (the faster of the two is the
+  floor of the step);
 - ``streamcoke partial_fit``: the whole online step (assignment with duals, dual ascent,
   running-mean centers), torch tensors on ``--device``;
 - ``scikit-learn MiniBatchKMeans.partial_fit`` (CPU): its mini-batch step (needs b >= K);
@@ -43,6 +46,8 @@ from common import (add_size_flags, capped_rate, interleaved, machine, optional_
                     pyplot, save_figure, table, throughput, write_json_to)
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
+from streamcoke.core import cpu  # noqa: E402
+from streamcoke.core.similarity import KERNEL_MIN_ROWS, products  # noqa: E402
 
 SIZES = {
     # base (d, K, b); K sweep at the d values listed; extra d and b sweeps at the base;
@@ -56,9 +61,10 @@ SIZES = {
                  river_s=3.0, river_kd=150_000),
 }
 
-MATMUL, OURS, SKLEARN, FAISS = "matmul", "streamcoke", "sklearn MiniBatchKMeans", "faiss search+update"
+MATMUL, KERNEL, OURS = "matmul", "matmul (kernel)", "streamcoke"
+SKLEARN, FAISS = "sklearn MiniBatchKMeans", "faiss search+update"
 RIVER_KM, RIVER_SKM = "river KMeans", "river STREAMKMeans"
-METHODS = [MATMUL, OURS, SKLEARN, FAISS, RIVER_KM, RIVER_SKM]
+METHODS = [MATMUL, KERNEL, OURS, SKLEARN, FAISS, RIVER_KM, RIVER_SKM]
 
 
 def configurations(size: dict) -> list[tuple[int, int, int]]:
@@ -115,8 +121,16 @@ def bench_config(d: int, K: int, b: int, size: dict, dev: torch.device, peers: d
         km = OnlineConstrainedKMeans(K, init=Cn, device=dev)
         return throughput(lambda i: km.partial_fit(Xd[rows(i)]), b, n_steps=steps, sync=sync)
 
+    def run_kernel():
+        out = torch.empty(b, K, device=dev)
+        return throughput(lambda i: products(Xd[rows(i)], Cd, out=out), b, n_steps=steps, sync=sync)
+
     contenders = {MATMUL: run_matmul, OURS: run_ours}
     skipped = {}
+    if dev.type == "cpu" and cpu.multiply_kernel() is not None and b >= KERNEL_MIN_ROWS:
+        contenders[KERNEL] = run_kernel
+    else:
+        skipped[KERNEL] = "the BLAS does the multiply here"
     if b >= K:
         from sklearn.cluster import MiniBatchKMeans
 
@@ -164,6 +178,7 @@ def row_of(result: dict) -> dict:
     row = {"d": result["d"], "K": result["K"], "b": result["b"]}
     row.update({m: r[m] for m in METHODS if m in r})
     ours = r[OURS]
+    row["ours/floor"] = ours / max(r[m] for m in (MATMUL, KERNEL) if m in r)
     for m, col in [(MATMUL, "ours/matmul"), (SKLEARN, "ours/sklearn"), (FAISS, "ours/faiss"), (RIVER_KM, "ours/river")]:
         if m in r:
             row[col] = ours / r[m]
@@ -176,7 +191,8 @@ def plot(results: list[dict], size: dict, dev: torch.device, folder: Path) -> No
         return
     d0, K0, b0 = size["base"]
     labels = {m: m + ("" if m in (MATMUL, OURS) or dev.type == "cpu" else " (CPU)") for m in METHODS}
-    labels[MATMUL] = f"matmul floor ({dev.type})"
+    labels[MATMUL] = f"matmul, torch BLAS ({dev.type})"
+    labels[KERNEL] = "matmul, streamcoke AVX-512 kernel (cpu)"
     labels[OURS] = f"streamcoke partial_fit ({dev.type})"
 
     def lines(ax, pick, key):
@@ -230,8 +246,9 @@ def main(argv=None) -> dict:
     print(f"samples/s, float32, device={dev}{peer_note} ({info.get('gpu', info['cpu'])}, "
           f"{info['torch_threads']} threads), median of {size['rounds']} interleaved rounds of "
           f"{size['batches']} batches; river: time-capped per-sample loops. "
-          f"`ours/X` = streamcoke rate / X rate. Empty: skipped (see JSON).\n")
-    cols = ["d", "K", "b"] + METHODS + ["ours/matmul", "ours/sklearn", "ours/faiss", "ours/river"]
+          f"`ours/X` = streamcoke rate / X rate; floor = the faster of the two multiplies. "
+          f"Empty: skipped (see JSON).\n")
+    cols = ["d", "K", "b"] + METHODS + ["ours/floor", "ours/matmul", "ours/sklearn", "ours/faiss", "ours/river"]
     print(table([row_of(r) for r in results], cols))
     skipped = sorted({f"{m}: {why}" for r in results for m, why in r["skipped"].items()})
     if skipped:

@@ -14,9 +14,64 @@ from streamcoke.core import cpu
 from streamcoke.core.assign import biased_argmax
 from streamcoke.core.centers import running_mean_step
 from streamcoke.core.cpu import use_cpu_kernels
-from streamcoke.core.similarity import prepare, score_terms
+from streamcoke.core.similarity import KERNEL_MIN_ROWS, prepare, products, score_terms, scores
 
 needs_kernels = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
+needs_multiply = pytest.mark.skipif(cpu.multiply_kernel() is None,
+                                    reason="no AVX-512 here (or no kernels): the BLAS does the multiply")
+
+
+@needs_multiply
+@pytest.mark.parametrize("n", [KERNEL_MIN_ROWS, 71, 72, 300])  # 72 rows are six whole row blocks
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 100])  # partial, whole and partial-again panels
+@pytest.mark.parametrize("d", [1, 15, 16, 130])
+def test_the_multiply_matches_the_blas(n, k, d):
+    g = torch.Generator().manual_seed(n * 1000 + k * 10 + d)
+    X, C = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    out = torch.full((n, k), float("nan"))
+    got = products(X, C, out=out)
+    assert got.data_ptr() == out.data_ptr()  # written in place, every entry
+    ref = X.double() @ C.double().T
+    # float32 accumulation in another order than the BLAS: a few ulps of the terms' magnitude
+    tol = 1e-5 * (X.abs().double() @ C.abs().double().T) + 1e-6
+    assert bool(((got.double() - ref).abs() <= tol).all())
+
+
+@needs_multiply
+def test_the_multiply_takes_views_and_is_the_same_on_every_call():
+    g = torch.Generator().manual_seed(0)
+    X, C = torch.randn(200, 50, generator=g), torch.randn(70, 60, generator=g)
+    a = products(X[:, :40], C[:, 10:50])  # neither is contiguous
+    b = products(X[:, :40].contiguous(), C[:, 10:50].contiguous())
+    assert torch.equal(a, b)
+    assert torch.equal(a, products(X[:, :40], C[:, 10:50]))
+    # with 1 thread or 2: each entry is one sum in one order, whoever computes it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(a, products(X[:, :40], C[:, 10:50]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_multiply
+def test_the_multiply_checks_its_arguments():
+    k = cpu.multiply_kernel()
+    X, C = torch.randn(80, 5), torch.randn(7, 5)
+    with pytest.raises(RuntimeError, match="different numbers of features"):
+        k.scores_into(X, torch.randn(7, 6), torch.empty(80, 7))
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        k.scores_into(X, C, torch.empty(80, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        k.scores_into(X.double(), C, torch.empty(80, 7))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_scores_are_the_similarities_of_the_metric(metric):
+    g = torch.Generator().manual_seed(5)
+    X, C = torch.randn(100, 9, generator=g), torch.randn(40, 9, generator=g)
+    ref = X @ C.T if metric == "cosine" else -torch.cdist(X.double(), C.double()).pow(2).float()
+    assert torch.allclose(scores(X, C, metric), ref, atol=1e-4)
 
 
 @needs_kernels

@@ -27,7 +27,7 @@ from ..core.certificate import streaming_bound_correction
 from ..core.duals import dual_step
 from ..core.init import initial_centers
 from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
-from ..core.similarity import prepare, row_offset, score_terms, scores
+from ..core.similarity import prepare, products, row_offset, score_terms, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -332,9 +332,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         # The multiply alone; the per-center terms (duals, and -||c||^2 for Euclidean) are added
         # where the scores are read, so re-assigning with new duals needs no new multiply.
         alpha, terms = score_terms(s["centers"], bias0, self.metric)
-        Z = torch.mm(Xp, s["centers"].T, out=self._score_buffer(n, dev))
         use_default = self.dual_lr is None
         n_gap_rows = min(GAP_ROWS, n) if use_default else 0
+        Z = products(Xp, s["centers"], out=self._score_buffer(n, dev))
         labels, best, batch_gap_sums = biased_argmax(Z, terms, sizes, alpha, n_gap_rows)
         rows = flat_labels(labels, sizes)
         local_counts = self._counts(rows, w)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import cpu
 from .schedule import gap_sums
-from .similarity import row_offset, score_terms
+from .similarity import products, row_offset, score_terms
 
 
 def head_offsets(sizes: Sequence[int]) -> list[int]:
@@ -50,7 +50,7 @@ def assign(
     best : (n, n_heads) ``max_k (s_ik + bias_k)`` with the true scores ``s`` (for certificates).
     """
     alpha, b = score_terms(centers, bias, metric)
-    labels, best, _ = biased_argmax(X @ centers.T, b, sizes, alpha)
+    labels, best, _ = biased_argmax(products(X, centers), b, sizes, alpha)
     offset = row_offset(X, metric)
     return labels, best if offset is None else best + offset.unsqueeze(1)
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu
+
 METRICS = ("cosine", "euclidean")
+KERNEL_MIN_ROWS = 64
 
 
 def normalize_rows(X: Tensor, eps: float = 1e-12) -> Tensor:
@@ -24,14 +27,33 @@ def prepare(X: Tensor, metric: str) -> Tensor:
     return normalize_rows(X) if metric == "cosine" else X
 
 
+def products(X: Tensor, centers: Tensor, out: Tensor | None = None) -> Tensor:
+    """``X @ centers.T``, shape ``(n_samples, n_centers)``, into ``out`` when given.
+
+    On a CPU with AVX-512 the multiply of :mod:`streamcoke.core.cpu` runs it for batches of
+    ``KERNEL_MIN_ROWS`` rows or more (below that, repacking the centers costs more than it
+    saves), elsewhere torch's BLAS; the two agree to float32 rounding (they add the features in
+    different orders).
+    """
+    kernel = cpu.multiply_kernel() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 \
+        and X.shape[0] >= KERNEL_MIN_ROWS else None
+    if kernel is None:
+        return torch.mm(X, centers.T, out=out)
+    if out is None:
+        out = torch.empty((X.shape[0], centers.shape[0]), dtype=X.dtype)
+    kernel.scores_into(X.contiguous(), centers.contiguous(), out)
+    return out
+
+
 def scores(X: Tensor, centers: Tensor, metric: str) -> Tensor:
     """Similarity of every prepared sample to every center, shape ``(n_samples, n_centers)``."""
+    Z = products(X, centers)
     if metric == "cosine":
-        return X @ centers.T
-    # -||x - c||^2 = 2 <x, c> - ||c||^2 - ||x||^2, one matrix multiply plus two broadcasts.
+        return Z
+    # -||x - c||^2 = 2 <x, c> - ||c||^2 - ||x||^2: the multiply plus two broadcasts.
     sq_c = (centers * centers).sum(dim=1)
     sq_x = (X * X).sum(dim=1, keepdim=True)
-    return torch.addmm(sq_c.neg().unsqueeze(0), X, centers.T, alpha=2.0).sub_(sq_x)
+    return Z.mul_(2.0).sub_(sq_c.unsqueeze(0)).sub_(sq_x)
 
 
 def score_terms(centers: Tensor, bias: Tensor, metric: str) -> tuple[float, Tensor]:

@@ -12,6 +12,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -94,10 +98,18 @@ SC_CLONES float biased_max(const float* z, const float* b, float alpha, int64_t 
   return m;
 }
 
-// Row sum sum_j x_j^2 in a fixed order.
+// sum_j x_j^2 in a fixed order (per lane, then across lanes, then the tail), so it does not
+// depend on the thread that computes it.
 SC_CLONES float squared_norm(const float* x, int64_t d) {
+  vfloat acc = splat(0.0f);
+  const int64_t full = d - d % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vfloat v = load(x + j);
+    acc += v * v;
+  }
   float s = 0.0f;
-  for (int64_t j = 0; j < d; ++j) s += x[j] * x[j];
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (int64_t j = full; j < d; ++j) s += x[j] * x[j];
   return s;
 }
 
@@ -118,7 +130,187 @@ void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-D tensor");
 }
 
+std::vector<int64_t> head_starts(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> offsets(sizes.size());
+  for (size_t h = 0, o = 0; h < sizes.size(); o += sizes[h], ++h) offsets[h] = static_cast<int64_t>(o);
+  return offsets;
+}
+
+// The score-gap statistic over the first gap_rows rows of the raw scores z (row stride
+// sum(sizes)), given each row's winners: per head, the summed difference between the best and
+// the second-best biased score, then the summed magnitude of the best one (float64, 2H).
+at::Tensor gap_statistic(const float* z, const float* b, float a, const std::vector<int64_t>& sizes,
+                         const std::vector<int64_t>& offsets, int64_t gap_rows, const int64_t* lab,
+                         const float* top, const at::TensorOptions& options) {
+  const int64_t H = static_cast<int64_t>(sizes.size());
+  int64_t ktot = 0;
+  for (int64_t k : sizes) ktot += k;
+  std::vector<float> second(static_cast<size_t>(gap_rows * H));
+  at::parallel_for(0, gap_rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = z + i * ktot;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t o = offsets[h], k = sizes[h], j = lab[i * H + h];
+        // Second best: the best of the columns either side of the winner.
+        float s = top[i * H + h];
+        if (k > 1) {
+          const float left = j > 0 ? biased_max(row + o, b + o, a, j) : -std::numeric_limits<float>::infinity();
+          const float right = j + 1 < k ? biased_max(row + o + j + 1, b + o + j + 1, a, k - j - 1)
+                                        : -std::numeric_limits<float>::infinity();
+          s = left > right ? left : right;
+        }
+        second[i * H + h] = s;
+      }
+    }
+  });
+  // Summed in row order, so the statistic does not depend on the thread count.
+  auto gap = at::zeros({2 * H}, options.dtype(at::kDouble));
+  double* g = gap.data_ptr<double>();
+  for (int64_t i = 0; i < gap_rows; ++i) {
+    for (int64_t h = 0; h < H; ++h) {
+      const double t = top[i * H + h];
+      g[h] += t - static_cast<double>(second[i * H + h]);
+      g[H + h] += std::abs(t);
+    }
+  }
+  return gap;
+}
+
+// ---------------------------------------------------------------------------------- the multiply
+//
+// Z = X C^T for the shapes of this step (a batch of a few thousand rows, d in the tens to low
+// thousands, K centers), with AVX-512 where the processor has it. The BLAS that torch ships
+// picks its 256-bit code on some processors that have 512-bit units (AMD's, for one), and runs
+// at half their speed there; this register-blocked kernel keeps both FMA pipes busy instead.
+// Every entry is the sum over the features in order, one fused multiply-add per term.
+//
+// Layout: the centers are repacked per call into panels of kPanel columns, each panel stored
+// feature-major (d rows of kPanel floats), so a tile reads one contiguous stream of the panel
+// and broadcasts one sample value per row. A tile is kRows samples by kPanel centers: 24
+// accumulators, two loads and twelve broadcasts per feature.
+
+constexpr int64_t kPanel = 32;
+constexpr int64_t kRows = 12;
+
+bool has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Centers (K, d) row-major -> panels (P, d, kPanel), the columns past K zero.
+void pack_panels(const float* c, int64_t K, int64_t d, float* out, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* panel = out + p * d * kPanel;
+    const int64_t cols = std::min(kPanel, K - p * kPanel);
+    for (int64_t j = 0; j < kPanel; ++j) {
+      if (j >= cols) {
+        for (int64_t f = 0; f < d; ++f) panel[f * kPanel + j] = 0.0f;
+        continue;
+      }
+      const float* row = c + (p * kPanel + j) * d;
+      for (int64_t f = 0; f < d; ++f) panel[f * kPanel + j] = row[f];
+    }
+  }
+}
+
+// One tile: rows x[0 .. kRows) (row stride d) against one panel, written to out (row stride
+// ldo), of which only the first `rows` rows and `cols` columns are stored.
+__attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t d, const float* panel, float* out,
+                                                    int64_t ldo, int64_t rows, int64_t cols) {
+  __m512 lo[kRows], hi[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    lo[r] = _mm512_setzero_ps();
+    hi[r] = _mm512_setzero_ps();
+  }
+  for (int64_t f = 0; f < d; ++f) {
+    const __m512 b0 = _mm512_loadu_ps(panel + f * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(panel + f * kPanel + 16);
+#pragma GCC unroll 12
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * d + f]);
+      lo[r] = _mm512_fmadd_ps(a, b0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(a, b1, hi[r]);
+    }
+  }
+  if (rows == kRows && cols == kPanel) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      _mm512_storeu_ps(out + r * ldo, lo[r]);
+      _mm512_storeu_ps(out + r * ldo + 16, hi[r]);
+    }
+  } else {
+    const __mmask16 m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+    const __mmask16 m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      _mm512_mask_storeu_ps(out + r * ldo, m0, lo[r]);
+      _mm512_mask_storeu_ps(out + r * ldo + 16, m1, hi[r]);
+    }
+  }
+}
+
+// Z = X C^T into z (row stride K), panel group by panel group, row blocks split across threads.
+void multiply(const float* x, int64_t n, int64_t d, const float* c, int64_t K, float* z) {
+  const int64_t P = (K + kPanel - 1) / kPanel;
+  // Reused across calls (per calling thread): a fresh buffer of this size costs a page fault
+  // per 4 KiB, which for small batches is more than the multiply. The worker threads see the
+  // caller's buffer through the pointer, not their own copy.
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(P * d * kPanel)) buffer.resize(static_cast<size_t>(P * d * kPanel));
+  float* packed = buffer.data();
+  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) { pack_panels(c, K, d, packed, p0, p1); });
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  // Panels in groups that stay in the core's cache while every row block of the thread passes.
+  const int64_t group = std::max<int64_t>(1, (256 * 1024) / (d * kPanel * 4));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> pad(static_cast<size_t>(kRows * d), 0.0f);
+    for (int64_t g0 = 0; g0 < P; g0 += group) {
+      const int64_t g1 = std::min(P, g0 + group);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kRows, rows = std::min(kRows, n - r0);
+        const float* xb = x + r0 * d;
+        if (rows < kRows) {  // the last, short block reads from a zero-padded copy
+          std::copy(xb, xb + rows * d, pad.begin());
+          xb = pad.data();
+        }
+        for (int64_t p = g0; p < g1; ++p) {
+          tile_avx512(xb, d, packed + p * d * kPanel, z + r0 * K + p * kPanel, K, rows,
+                      std::min(kPanel, K - p * kPanel));
+        }
+      }
+    }
+  });
+}
+#endif
+
+void check_multiply(const at::Tensor& X, const at::Tensor& C, const at::Tensor& out) {
+  check_cpu_float(X, "X", 2);
+  check_cpu_float(C, "centers", 2);
+  check_cpu_float(out, "out", 2);
+  TORCH_CHECK(C.size(1) == X.size(1), "X and centers have different numbers of features");
+  TORCH_CHECK(out.size(0) == X.size(0) && out.size(1) == C.size(0), "out must have shape (n, K)");
+  TORCH_CHECK(has_avx512(), "this processor has no AVX-512; use the BLAS");
+}
+
 }  // namespace
+
+// Z = X C^T into `out` (n, K), which must not overlap X or C. AVX-512 only: callers check
+// has_avx512() and use the BLAS elsewhere.
+void scores_into(const at::Tensor& X, const at::Tensor& C, at::Tensor& out) {
+  check_multiply(X, C, out);
+  const int64_t n = X.size(0), d = X.size(1), K = C.size(0);
+  if (n == 0 || K == 0) return;
+  if (d == 0) {
+    out.zero_();
+    return;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  multiply(X.data_ptr<float>(), n, d, C.data_ptr<float>(), K, out.data_ptr<float>());
+#endif
+}
 
 // Per-head argmax of alpha * Z + bias, the winning value, and the score-gap statistic.
 //
@@ -139,9 +331,7 @@ std::vector<at::Tensor> biased_argmax(const at::Tensor& Z, const at::Tensor& bia
 
   auto labels = at::empty({n, H}, Z.options().dtype(at::kLong));
   auto best = at::empty({n, H}, Z.options());
-  std::vector<float> second(static_cast<size_t>(gap_rows * H));
-  std::vector<int64_t> offsets(H);
-  for (int64_t h = 0, o = 0; h < H; o += sizes[h], ++h) offsets[h] = o;
+  const std::vector<int64_t> offsets = head_starts(sizes);
 
   const float* z = Z.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
@@ -158,33 +348,10 @@ std::vector<at::Tensor> biased_argmax(const at::Tensor& Z, const at::Tensor& bia
         const float m = biased_argmax_row(row + o, b + o, a, k, &j);
         lab[i * H + h] = j;
         top[i * H + h] = m;
-        if (i < gap_rows) {
-          // Second best: the best of the columns either side of the winner.
-          float s = m;
-          if (k > 1) {
-            const float left = j > 0 ? biased_max(row + o, b + o, a, j)
-                                     : -std::numeric_limits<float>::infinity();
-            const float right = j + 1 < k ? biased_max(row + o + j + 1, b + o + j + 1, a, k - j - 1)
-                                          : -std::numeric_limits<float>::infinity();
-            s = left > right ? left : right;
-          }
-          second[i * H + h] = s;
-        }
       }
     }
   });
-
-  // Summed in row order, so the statistic does not depend on the thread count.
-  auto gap = at::zeros({2 * H}, Z.options().dtype(at::kDouble));
-  double* g = gap.data_ptr<double>();
-  for (int64_t i = 0; i < gap_rows; ++i) {
-    for (int64_t h = 0; h < H; ++h) {
-      const double t = top[i * H + h];
-      g[h] += t - static_cast<double>(second[i * H + h]);
-      g[H + h] += std::abs(t);
-    }
-  }
-  return {labels, best, gap};
+  return {labels, best, gap_statistic(z, b, a, sizes, offsets, gap_rows, lab, top, Z.options())};
 }
 
 // Fold a batch's members into the epoch's running means (center_update="mean").
@@ -264,6 +431,10 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap");
-  m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch");
+  // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("has_avx512", &has_avx512, "Whether this processor runs the AVX-512 multiply");
+  m.def("scores_into", &scores_into, "Z = X C^T into out (AVX-512)", nogil);
+  m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
+  m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
 }
