@@ -126,45 +126,24 @@ def _open(args, device, handler):
     return source, None
 
 
-def assigned_similarity(km, X, labels, scratch: dict | None = None):
-    """Similarity of each row of ``X`` to its assigned center, per clustering: ``<x, c>`` on
-    normalised rows for the cosine metric, ``-||x - c||^2`` for the Euclidean one.
+def assigned_similarity(km, X, labels):
+    """Similarity of each row of ``X`` to its assigned center, per clustering, shape
+    (n, n_clusterings): ``<x, c>`` on normalised rows for the cosine metric, ``-||x - c||^2``
+    for the Euclidean one.
 
     The centers are those after the step that assigned ``X`` (``cluster_centers_``), so the
-    batch's own rows already count in them; this is the value a later ``transform`` gives.
-
-    ``scratch`` (a dict kept by the caller) holds work buffers reused from batch to batch; the
-    result is always a fresh (n, n_clusterings) tensor. The operations are those of
-    ``prepare`` and ``(x * c).sum(1)``, run in place, so the values are the same bit for bit.
+    batch's own rows already count in them; this is the value a later ``transform`` gives (to
+    float32 rounding).
     """
     import torch
 
+    from .core.similarity import assigned_scores
+
     n = len(X)
-    scratch = {} if scratch is None else scratch
-
-    def buffer(name):
-        b = scratch.get(name)
-        if b is None or b.shape[0] < n or b.shape[1:] != X.shape[1:] or b.dtype != X.dtype or b.device != X.device:
-            b = scratch[name] = torch.empty(X.shape, dtype=X.dtype, device=X.device)
-        return b[:n]
-
-    if km.metric == "cosine":  # torch.nn.functional.normalize(X, dim=1), into a reused buffer
-        Xp = torch.div(X, X.norm(2, 1, keepdim=True).clamp_min_(1e-12).expand_as(X), out=buffer("x"))
-    else:
-        Xp = X
     centers = km.cluster_centers_
     centers = centers if isinstance(centers, list) else [centers]
     lab = labels.reshape(n, -1)
-    out = torch.empty((n, len(centers)), dtype=X.dtype, device=X.device)
-    c = buffer("c")
-    for h, C in enumerate(centers):
-        torch.index_select(C, 0, lab[:, h], out=c)
-        if km.metric == "cosine":
-            torch.sum(c.mul_(Xp), 1, out=out[:, h])
-        else:
-            torch.sum(torch.sub(Xp, c, out=c).square_(), 1, out=out[:, h])
-            out[:, h].neg_()
-    return out
+    return torch.stack([assigned_scores(X, C, lab[:, h], km.metric) for h, C in enumerate(centers)], dim=1)
 
 
 def _shares(km) -> tuple[float, float]:
@@ -264,7 +243,6 @@ def cluster(args: argparse.Namespace) -> int:
     if n_epoch is not None:
         bar.update(n_epoch * position["epoch"] + min(position["batch"] * args.batch_size, n_epoch))
     n_last, shown, since_ckpt = 0, 0.0, 0
-    sim_scratch: dict = {}  # assigned_similarity's work buffers
     n_total, steady = 0, None  # rows clustered by this process; (time, rows) after its first step
     try:
         for epoch in range(position["epoch"], args.epochs):
@@ -283,7 +261,7 @@ def cluster(args: argparse.Namespace) -> int:
                 if steady is None:  # the first step seeds the centers: a one-off, timed apart
                     steady = (time.perf_counter(), n_total + len(X))
                 if sink is not None:
-                    sink.write(ids, labels, assigned_similarity(km, X, labels, sim_scratch), epoch)
+                    sink.write(ids, labels, assigned_similarity(km, X, labels), epoch)
                 if y_pred is not None:
                     y_pred[np.asarray(ids)] = labels.reshape(len(X), -1).cpu().numpy()
                 step += 1

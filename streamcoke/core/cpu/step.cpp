@@ -113,6 +113,31 @@ SC_CLONES float squared_norm(const float* x, int64_t d) {
   return s;
 }
 
+// sum_j x_j y_j in the fixed order of squared_norm.
+SC_CLONES float dot(const float* x, const float* y, int64_t d) {
+  vfloat acc = splat(0.0f);
+  const int64_t full = d - d % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * load(y + j);
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (int64_t j = full; j < d; ++j) s += x[j] * y[j];
+  return s;
+}
+
+// sum_j (x_j - y_j)^2 in the same order.
+SC_CLONES float squared_distance(const float* x, const float* y, int64_t d) {
+  vfloat acc = splat(0.0f);
+  const int64_t full = d - d % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vfloat v = load(x + j) - load(y + j);
+    acc += v * v;
+  }
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (int64_t j = full; j < d; ++j) s += (x[j] - y[j]) * (x[j] - y[j]);
+  return s;
+}
+
 SC_CLONES void add_row(float* acc, const float* x, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += x[j];
 }
@@ -430,6 +455,38 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
   return {new_centers, new_sums};
 }
 
+// Similarity of every sample to one center each: <x_i, c_{l_i}> / max(||x_i||, 1e-12) (the
+// cosine of the normalised sample) or -||x_i - c_{l_i}||^2 (Euclidean). X: (n, d) as given,
+// not normalised; C: (K, d); labels: (n,) int64. One pass over X and the chosen centers, where
+// the torch version normalises a copy of X, gathers a copy of the centers and multiplies.
+at::Tensor assigned_similarity(const at::Tensor& X, const at::Tensor& C, const at::Tensor& labels, bool cosine) {
+  check_cpu_float(X, "X", 2);
+  check_cpu_float(C, "centers", 2);
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                  labels.is_contiguous(), "labels must be a contiguous int64 CPU tensor");
+  const int64_t n = X.size(0), d = X.size(1), K = C.size(0);
+  TORCH_CHECK(C.size(1) == d, "X and centers have different numbers of features");
+  TORCH_CHECK(labels.size(0) == n, "labels must hold one value per sample");
+  auto out = at::empty({n}, X.options());
+  const float* x = X.data_ptr<float>();
+  const float* c = C.data_ptr<float>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lab[i] >= 0 && lab[i] < K, "label out of range");
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* xi = x + i * d;
+      const float* ci = c + lab[i] * d;
+      if (cosine) {
+        o[i] = dot(xi, ci, d) / std::max(std::sqrt(squared_norm(xi, d)), 1e-12f);
+      } else {
+        o[i] = -squared_distance(xi, ci, d);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -437,4 +494,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores_into", &scores_into, "Z = X C^T into out (AVX-512)", nogil);
   m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
   m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
+  m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
 }
