@@ -204,3 +204,39 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch):
 def test_the_environment_switch_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv(cpu.ENV_FLAG, "0")
     assert cpu.kernels() is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("max_size_ratio", [None, 1.5])
+def test_repeated_dual_steps_give_the_same_bits_as_the_loop(monkeypatch, metric, weighted, max_size_ratio):
+    # Batches of 512 hold many quotas of 5 and of 12 clusters, so the default schedule splits
+    # every step into several (a different number per head); the fused loop must reproduce the
+    # torch loop exactly, with every other kernel the same on both sides.
+    from streamcoke.cluster import _base
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3072, 6)).astype(np.float32) + np.repeat(rng.normal(size=(6, 6)) * 3, 512, 0)
+    w = rng.uniform(0.5, 2.0, size=len(X)).astype(np.float32) if weighted else None
+
+    def stream():
+        km = MultiOnlineConstrainedKMeans((5, 12), metric=metric, max_size_ratio=max_size_ratio, random_state=0)
+        labels = []
+        for s in range(0, len(X), 512):
+            km.partial_fit(X[s:s + 512], sample_weight=None if w is None else w[s:s + 512])
+            labels.append(np.stack(km.labels_, 1))
+        return km, np.concatenate(labels)
+
+    calls = []
+    real = _base.repeated_dual_steps
+    monkeypatch.setattr(_base, "repeated_dual_steps", lambda *a: calls.append(1) or real(*a))
+    fast, fast_labels = stream()
+    assert len(calls) >= 5  # the fused loop ran
+    monkeypatch.setattr(_base, "repeated_dual_steps", lambda *a: None)
+    ref, ref_labels = stream()
+    np.testing.assert_array_equal(fast_labels, ref_labels)
+    for a, b in zip(fast.duals_ + fast.upper_duals_ + fast.cluster_centers_ + fast.cluster_sizes_,
+                    ref.duals_ + ref.upper_duals_ + ref.cluster_centers_ + ref.cluster_sizes_):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fast.epoch_objective_, ref.epoch_objective_)

@@ -24,7 +24,7 @@ from .. import distributed
 from ..core.assign import assign, biased_argmax, flat_labels
 from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update, scatter_sum
 from ..core.certificate import streaming_bound_correction
-from ..core.duals import dual_step
+from ..core.duals import dual_step, repeated_dual_steps
 from ..core.init import initial_centers
 from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
 from ..core.similarity import prepare, products, row_offset, score_terms, scores
@@ -362,7 +362,15 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         # Projected dual ascent. A batch holding several quotas of every cluster takes several
         # smaller steps, re-assigning itself with the updated duals each time (one multiply).
         bias_used = bias0
-        for it in range(max(plan.n_iter)):
+        fused = None
+        if max(plan.n_iter) > 1 and not distributed.is_distributed():  # the loop below in one call
+            fused = repeated_dual_steps(Z, alpha, s["centers"], self.metric, rho, mu, lower, upper, plan, sizes, w,
+                                        batch_weight, local_counts, labels, best)
+        if fused is not None:
+            labels, best, local_counts, rho, mu, bias_used = fused
+            counts = local_counts
+            rows = flat_labels(labels, sizes)
+        for it in range(0 if fused is not None else max(plan.n_iter)):
             if it > 0:
                 bias_used = rho - mu
                 labels, best, _ = biased_argmax(Z, score_terms(s["centers"], bias_used, self.metric)[1],

@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
+import torch
+
+from . import cpu
 
 Array = TypeVar("Array")  # a torch tensor or a numpy array
 
@@ -37,3 +40,25 @@ def dual_step(rho: Array, mu: Array, shares: Array, lower: Array, upper: Array |
         return new_rho, mu
     new_mu = _project(mu + step_size * (shares - upper))
     return new_rho, new_mu
+
+
+def repeated_dual_steps(Z, alpha: float, centers, metric: str, rho, mu, lower, upper, plan, sizes, weights,
+                        batch_weight: float, counts, labels, best):
+    """All the ascent steps of a batch that takes several (``plan.n_iter``), on one process: after
+    each step the batch is re-assigned from its raw scores ``Z`` with the new duals and
+    recounted. Given the first assignment (``labels``, ``best``, float64 ``counts``), returns
+    ``(labels, best, counts, rho, mu, bias)`` of the last one, ``bias`` being the ``rho - mu`` it
+    used; the same numbers as the estimator's loop of torch operations, which it replaces on
+    the CPU. Returns None where the kernels of :mod:`streamcoke.core.cpu` do not run (the GPU,
+    other dtypes, no compiler): the caller then runs that loop.
+    """
+    kernel = cpu.kernels() if Z.device.type == "cpu" and Z.dtype == torch.float32 else None
+    if kernel is None:
+        return None
+    empty = torch.empty(0)
+    sq = empty if metric == "cosine" else (centers * centers).sum(dim=1)  # as score_terms computes it
+    return tuple(kernel.inner_dual_steps(
+        Z, float(alpha), sq, rho.contiguous(), mu.contiguous(), lower.contiguous(),
+        empty if upper is None else upper.contiguous(), [float(x) for x in plan.step], list(plan.n_iter),
+        list(sizes), empty if weights is None else weights.float().contiguous(), float(batch_weight),
+        counts.contiguous(), labels.contiguous(), best.contiguous()))

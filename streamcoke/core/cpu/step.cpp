@@ -204,9 +204,9 @@ at::Tensor gap_statistic(const float* z, const float* b, float a, const std::vec
 // ---------------------------------------------------------------------------------- the multiply
 //
 // Z = X C^T for the shapes of this step (a batch of a few thousand rows, d in the tens to low
-// thousands, K centers), with AVX-512 where the processor has it. The BLAS that torch ships
-// picks its 256-bit code on some processors that have 512-bit units (AMD's, for one), and runs
-// at half their speed there; this register-blocked kernel keeps both FMA pipes busy instead.
+// thousands, K centers), with AVX-512 where the processor has it. On some processors with
+// 512-bit units (AMD EPYC, measured) the BLAS that torch ships reaches about half the rate of
+// this register-blocked kernel, which keeps both FMA pipes busy.
 // Every entry is the sum over the features in order, one fused multiply-add per term.
 //
 // Layout: the centers are repacked per call into panels of kPanel columns, each panel stored
@@ -487,6 +487,104 @@ at::Tensor assigned_similarity(const at::Tensor& X, const at::Tensor& C, const a
   return out;
 }
 
+// The rest of a batch's projected dual ascent when it takes several steps (the default schedule
+// splits a batch that holds several quotas of every cluster), for one process: after each step
+// the batch is re-assigned with the new duals from the same raw scores, recounted, and stepped
+// again. The same operations in the same order as the loop of the torch path (float32 duals,
+// float64 counts added in sample order), so the results carry the same bits.
+//
+// Z: (n, K) raw scores; alpha and sq (K,) float32 or empty: the biased scores are
+// alpha * Z + ((rho - mu) - sq); rho, mu, lower: (K,) float32, upper: (K,) or empty; steps and
+// n_iter: per head; weights: (n,) float32 or empty; batch_weight: their sum (or n); counts:
+// (K,) float64, the first assignment's counts. Returns labels (n, H), best (n, H), the last
+// assignment's counts, rho, mu and the bias (rho - mu) that last assignment used.
+std::vector<at::Tensor> inner_dual_steps(const at::Tensor& Z, double alpha, const at::Tensor& sq,
+                                         const at::Tensor& rho0, const at::Tensor& mu0, const at::Tensor& lower,
+                                         const at::Tensor& upper, const std::vector<double>& steps,
+                                         const std::vector<int64_t>& n_iter, const std::vector<int64_t>& sizes,
+                                         const at::Tensor& weights, double batch_weight, const at::Tensor& counts0,
+                                         const at::Tensor& labels0, const at::Tensor& best0) {
+  check_cpu_float(Z, "Z", 2);
+  check_cpu_float(rho0, "rho", 1);
+  check_cpu_float(mu0, "mu", 1);
+  check_cpu_float(lower, "lower", 1);
+  const int64_t n = Z.size(0), K = Z.size(1), H = static_cast<int64_t>(sizes.size());
+  int64_t total = 0;
+  for (int64_t k : sizes) total += k;
+  TORCH_CHECK(total == K && rho0.size(0) == K && mu0.size(0) == K && lower.size(0) == K,
+              "sizes do not add up to the centers");
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == H && static_cast<int64_t>(n_iter.size()) == H,
+              "one step and one count of steps per head");
+  const bool has_upper = upper.numel() > 0, has_sq = sq.numel() > 0, weighted = weights.numel() > 0;
+  if (has_upper) check_cpu_float(upper, "upper", 1);
+  if (has_sq) check_cpu_float(sq, "sq", 1);
+  if (weighted) {
+    check_cpu_float(weights, "weights", 1);
+    TORCH_CHECK(weights.size(0) == n, "weights must hold one value per sample");
+  }
+  TORCH_CHECK(counts0.scalar_type() == at::kDouble && counts0.is_contiguous() && counts0.size(0) == K,
+              "counts must be a contiguous float64 tensor of one value per center");
+  TORCH_CHECK(labels0.scalar_type() == at::kLong && labels0.is_contiguous() && labels0.size(0) == n &&
+                  labels0.size(1) == H && best0.scalar_type() == at::kFloat && best0.is_contiguous(),
+              "labels and best must be the first assignment's");
+
+  auto rho = rho0.clone(), mu = mu0.clone(), bias = at::empty_like(rho0), terms = at::empty_like(rho0);
+  auto labels = labels0.clone(), best = best0.clone(), counts = counts0.clone();
+  float* r = rho.data_ptr<float>();
+  float* m = mu.data_ptr<float>();
+  float* b = bias.data_ptr<float>();
+  float* t = terms.data_ptr<float>();
+  double* c = counts.data_ptr<double>();
+  int64_t* lab = labels.data_ptr<int64_t>();
+  float* top = best.data_ptr<float>();
+  const float* lo = lower.data_ptr<float>();
+  const float* up = has_upper ? upper.data_ptr<float>() : nullptr;
+  const float* q = has_sq ? sq.data_ptr<float>() : nullptr;
+  const float* w = weighted ? weights.data_ptr<float>() : nullptr;
+  const float* z = Z.data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  const std::vector<int64_t> offsets = head_starts(sizes);
+  std::vector<int64_t> head_of(static_cast<size_t>(K));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = offsets[h]; j < offsets[h] + sizes[h]; ++j) head_of[j] = h;
+  int64_t rounds = 0;
+  for (int64_t it : n_iter) rounds = std::max(rounds, it);
+  for (int64_t j = 0; j < K; ++j) b[j] = r[j] - m[j];
+
+  for (int64_t it = 0; it < rounds; ++it) {
+    if (it > 0) {
+      for (int64_t j = 0; j < K; ++j) {
+        b[j] = r[j] - m[j];
+        t[j] = has_sq ? b[j] - q[j] : b[j];
+      }
+      at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          for (int64_t h = 0; h < H; ++h) {
+            int64_t j = 0;
+            top[i * H + h] = biased_argmax_row(z + i * K + offsets[h], t + offsets[h], a, sizes[h], &j);
+            lab[i * H + h] = j;
+          }
+        }
+      });
+      std::fill(c, c + K, 0.0);
+      for (int64_t h = 0; h < H; ++h)  // head by head, samples in order: bincount's order
+        for (int64_t i = 0; i < n; ++i) c[offsets[h] + lab[i * H + h]] += weighted ? static_cast<double>(w[i]) : 1.0;
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t h = head_of[j];
+      const float step = it < n_iter[h] ? static_cast<float>(steps[h]) : 0.0f;
+      const float share = static_cast<float>(c[j] / batch_weight);
+      const float nr = r[j] + step * (lo[j] - share);
+      r[j] = nr > 0.0f ? nr : 0.0f;
+      if (has_upper) {
+        const float nm = m[j] + step * (share - up[j]);
+        m[j] = nm > 0.0f ? nm : 0.0f;
+      }
+    }
+  }
+  return {labels, best, counts, rho, mu, bias};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -495,4 +593,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
   m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
   m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
+  m.def("inner_dual_steps", &inner_dual_steps, "A batch's projected dual ascent steps after its first", nogil);
 }
