@@ -4,7 +4,8 @@ On the CPU, what follows the scoring multiply (a per-head argmax over the score 
 score-gap statistic, the running-mean center update) costs as much as half the multiply again
 as a chain of torch operations. ``step.cpp`` does it in one pass over the scores and one over the
 centers. On processors with AVX-512 it also does the multiply itself: on some of them (AMD EPYC,
-measured) the BLAS that torch ships reaches about half the rate of its register-blocked kernel. It is compiled once per machine with torch's extension builder (a C++ compiler and
+measured) the BLAS that torch ships reaches about half the rate of its register-blocked kernel.
+It is compiled once per machine with torch's extension builder (a C++ compiler with OpenMP and
 ninja are needed; the build is cached under torch's extension folder, ``TORCH_EXTENSIONS_DIR``)
 and loaded through pybind11, never unpickled.
 
