@@ -84,6 +84,39 @@ def test_assigned_scores_match_torch_and_the_full_scores(metric, d):
         assigned_scores(X, C, torch.full((150,), 20), metric)
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (300, 128), (2000, 5)])
+def test_normalize_rows_matches_torch(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    X = torch.randn(*shape, generator=g) * 10
+    X[0] = 0.0  # stays zero
+    from streamcoke.core.similarity import normalize_rows
+
+    before = X.clone()
+    fast = normalize_rows(X)
+    assert torch.allclose(fast, torch.nn.functional.normalize(X, dim=1), rtol=1e-6, atol=1e-7)
+    assert torch.equal(fast[0], torch.zeros(shape[1]))
+    assert fast.data_ptr() != X.data_ptr() and torch.equal(X, before)  # a new tensor; X unchanged
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 77, -1])
+def test_non_finite_input_is_found_wherever_it_is(bad, where):
+    from streamcoke.cluster._inputs import _all_finite
+
+    X = torch.randn(100_003 // 7, 7)
+    assert _all_finite(X)
+    X.view(-1)[where] = bad
+    assert not _all_finite(X)
+    with use_cpu_kernels(False):
+        assert not _all_finite(X)
+    big = torch.full((4, 3), 3e38)  # finite, though its sum overflows
+    assert _all_finite(big)
+    with use_cpu_kernels(False):
+        assert _all_finite(big)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_scores_are_the_similarities_of_the_metric(metric):
     g = torch.Generator().manual_seed(5)

@@ -10,6 +10,8 @@ import torch
 from sklearn.utils.validation import _check_sample_weight, validate_data
 from torch import Tensor
 
+from ..core import cpu
+
 
 @dataclass(frozen=True)
 class InputKind:
@@ -55,9 +57,7 @@ def _tensor_features(est, X: Tensor, *, reset: bool, device: torch.device) -> Te
         raise ValueError(
             f"X has {X.shape[1]} features, but {name} is expecting {est.n_features_in_} features as input.")
     Xt = X.detach().to(device=device, dtype=torch.float32)
-    # The sum is finite whenever every entry is (NaN and inf propagate), and costs one pass;
-    # only when it is not (a NaN or inf, or merely an overflow) is the exact check run.
-    if not bool(torch.isfinite(Xt.sum())) and not bool(torch.isfinite(Xt).all()):
+    if not _all_finite(Xt):
         bad = (~torch.isfinite(Xt)).any(dim=1).nonzero()[:5, 0].tolist()
         raise ValueError(f"Input X contains NaN or infinity (first bad rows: {bad}).")
     if reset:
@@ -65,6 +65,16 @@ def _tensor_features(est, X: Tensor, *, reset: bool, device: torch.device) -> Te
         if hasattr(est, "feature_names_in_"):
             del est.feature_names_in_
     return Xt
+
+
+def _all_finite(X: Tensor) -> bool:
+    """Whether ``X`` holds no NaN and no infinity, in one pass over it."""
+    kernel = cpu.kernels() if X.device.type == "cpu" and X.ndim == 2 else None
+    if kernel is not None:
+        return kernel.all_finite(X.contiguous())
+    # The sum is finite whenever every entry is (NaN and inf propagate), and costs one pass;
+    # only when it is not (a NaN or inf, or merely an overflow) is the exact check run.
+    return bool(torch.isfinite(X.sum())) or bool(torch.isfinite(X).all())
 
 
 def as_weights(sample_weight, X: Tensor) -> Tensor | None:

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -136,6 +137,22 @@ SC_CLONES float squared_distance(const float* x, const float* y, int64_t d) {
   for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
   for (int64_t j = full; j < d; ++j) s += (x[j] - y[j]) * (x[j] - y[j]);
   return s;
+}
+
+SC_CLONES void divide_row(float* out, const float* x, float denom, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = x[j] / denom;
+}
+
+// Whether x[0 .. m) holds no NaN and no infinity: x * 0 is 0 for every finite x and NaN
+// otherwise, and a NaN anywhere makes the sum unequal to itself.
+SC_CLONES bool finite_span(const float* x, int64_t m) {
+  vfloat acc = splat(0.0f);
+  const int64_t full = m - m % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * 0.0f;
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (int64_t j = full; j < m; ++j) s += x[j] * 0.0f;
+  return s == s;
 }
 
 SC_CLONES void add_row(float* acc, const float* x, int64_t d) {
@@ -585,6 +602,35 @@ std::vector<at::Tensor> inner_dual_steps(const at::Tensor& Z, double alpha, cons
   return {labels, best, counts, rho, mu, bias};
 }
 
+// Every row of X scaled to unit length: x / max(||x||, 1e-12), as torch's F.normalize does (the
+// norm summed in the order of squared_norm). One pass that reads X and writes the copy.
+at::Tensor normalize_rows(const at::Tensor& X) {
+  check_cpu_float(X, "X", 2);
+  const int64_t n = X.size(0), d = X.size(1);
+  auto out = at::empty_like(X);
+  const float* x = X.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float denom = std::max(std::sqrt(squared_norm(x + i * d, d)), 1e-12f);
+      divide_row(o + i * d, x + i * d, denom, d);
+    }
+  });
+  return out;
+}
+
+// Whether every entry of X is finite (no NaN, no infinity): one read of X, split across threads.
+bool all_finite(const at::Tensor& X) {
+  check_cpu_float(X, "X", 2);
+  const int64_t total = X.numel();
+  const float* x = X.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, total, 1 << 15, [&](int64_t a, int64_t b) {
+    if (!finite_span(x + a, b - a)) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -593,5 +639,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
   m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
   m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
+  m.def("normalize_rows", &normalize_rows, "Rows scaled to unit length", nogil);
+  m.def("all_finite", &all_finite, "Whether every entry is finite", nogil);
   m.def("inner_dual_steps", &inner_dual_steps, "A batch's projected dual ascent steps after its first", nogil);
 }
