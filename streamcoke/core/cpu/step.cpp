@@ -99,33 +99,27 @@ SC_CLONES float biased_max(const float* z, const float* b, float alpha, int64_t 
   return m;
 }
 
-// sum_j x_j^2 in a fixed order (per lane, then across lanes, then the tail), so it does not
-// depend on the thread that computes it.
-SC_CLONES float squared_norm(const float* x, int64_t d) {
-  vfloat acc = splat(0.0f);
-  const int64_t full = d - d % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    const vfloat v = load(x + j);
-    acc += v * v;
-  }
+// Sums in a fixed order (per lane, then across the lanes in turn, then the tail), so a value
+// does not depend on the thread that computes it.
+inline float lane_sum(const vfloat& acc) {
   float s = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  for (int64_t j = full; j < d; ++j) s += x[j] * x[j];
   return s;
 }
 
-// sum_j x_j y_j in the fixed order of squared_norm.
+// sum_j x_j y_j.
 SC_CLONES float dot(const float* x, const float* y, int64_t d) {
   vfloat acc = splat(0.0f);
   const int64_t full = d - d % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * load(y + j);
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  float s = lane_sum(acc);
   for (int64_t j = full; j < d; ++j) s += x[j] * y[j];
   return s;
 }
 
-// sum_j (x_j - y_j)^2 in the same order.
+inline float squared_norm(const float* x, int64_t d) { return dot(x, x, d); }
+
+// sum_j (x_j - y_j)^2.
 SC_CLONES float squared_distance(const float* x, const float* y, int64_t d) {
   vfloat acc = splat(0.0f);
   const int64_t full = d - d % kLanes;
@@ -133,8 +127,7 @@ SC_CLONES float squared_distance(const float* x, const float* y, int64_t d) {
     const vfloat v = load(x + j) - load(y + j);
     acc += v * v;
   }
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  float s = lane_sum(acc);
   for (int64_t j = full; j < d; ++j) s += (x[j] - y[j]) * (x[j] - y[j]);
   return s;
 }
@@ -149,8 +142,7 @@ SC_CLONES bool finite_span(const float* x, int64_t m) {
   vfloat acc = splat(0.0f);
   const int64_t full = m - m % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * 0.0f;
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  float s = lane_sum(acc);
   for (int64_t j = full; j < m; ++j) s += x[j] * 0.0f;
   return s == s;
 }
