@@ -290,11 +290,21 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t d, c
 void multiply(const float* x, int64_t n, int64_t d, const float* c, int64_t K, float* z) {
   const int64_t P = (K + kPanel - 1) / kPanel;
   // Reused across calls (per calling thread): a fresh buffer of this size costs a page fault
-  // per 4 KiB, which for small batches is more than the multiply. The worker threads see the
-  // caller's buffer through the pointer, not their own copy.
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(P * d * kPanel)) buffer.resize(static_cast<size_t>(P * d * kPanel));
-  float* packed = buffer.data();
+  // per 4 KiB, which for small batches is more than the multiply. Only up to kKeepFloats is
+  // kept; larger center matrices get a buffer of their own per call. The worker threads see the
+  // buffer through the pointer, not their own copy of the thread-local.
+  constexpr size_t kKeepFloats = size_t{8} << 20;  // 32 MiB
+  const size_t need = static_cast<size_t>(P * d * kPanel);
+  thread_local std::vector<float> kept;
+  std::vector<float> own;
+  float* packed;
+  if (need <= kKeepFloats) {
+    if (kept.size() < need) kept.resize(need);
+    packed = kept.data();
+  } else {
+    own.resize(need);
+    packed = own.data();
+  }
   at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) { pack_panels(c, K, d, packed, p0, p1); });
   const int64_t blocks = (n + kRows - 1) / kRows;
   // Panels in groups that stay in the core's cache while every row block of the thread passes.
