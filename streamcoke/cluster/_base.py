@@ -370,20 +370,21 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             labels, best, local_counts, rho, mu, bias_used = fused
             counts = local_counts
             rows = flat_labels(labels, sizes)
-        for it in range(0 if fused is not None else max(plan.n_iter)):
-            if it > 0:
-                bias_used = rho - mu
-                labels, best, _ = biased_argmax(Z, score_terms(s["centers"], bias_used, self.metric)[1],
-                                                sizes, alpha)
-                rows = flat_labels(labels, sizes)
-                local_counts = self._counts(rows, w)
-                counts, = distributed.all_reduce_sum(local_counts)
-            if H == 1:
-                step = plan.step[0] if it < plan.n_iter[0] else 0.0
-            else:
-                step = torch.cat([torch.full((k,), st if it < m else 0.0, device=dev)
-                                  for k, st, m in zip(sizes, plan.step, plan.n_iter)])
-            rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
+        else:
+            for it in range(max(plan.n_iter)):
+                if it > 0:
+                    bias_used = rho - mu
+                    labels, best, _ = biased_argmax(Z, score_terms(s["centers"], bias_used, self.metric)[1],
+                                                    sizes, alpha)
+                    rows = flat_labels(labels, sizes)
+                    local_counts = self._counts(rows, w)
+                    counts, = distributed.all_reduce_sum(local_counts)
+                if H == 1:
+                    step = plan.step[0] if it < plan.n_iter[0] else 0.0
+                else:
+                    step = torch.cat([torch.full((k,), st if it < m else 0.0, device=dev)
+                                      for k, st, m in zip(sizes, plan.step, plan.n_iter)])
+                rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
 
         # Certificate terms: sum of the winning biased scores, and of the bias they contain
         # (counts . bias, so no per-sample gather is needed).
