@@ -23,43 +23,108 @@
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SC_X86_VERSIONS 1
 // One build serves any x86-64 processor: the loader picks the widest instruction set it has.
 #define SC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SC_CLONES
 #endif
+#define SC_INLINE inline __attribute__((always_inline))
 
 namespace {
 
-// Sixteen lanes in GCC's portable vector types: one AVX-512 register, two AVX2 ones, or four
-// SSE ones, depending on the clone the loader picks.
+// Sixteen logical lanes, held as 16 / W native vectors of W floats: one AVX-512 register, two
+// AVX2 ones or four SSE / NEON ones. One wide type for every target would be simpler, but GCC
+// lowers the compares and selects of a vector wider than the target's registers to scalar code
+// (the argmax ran ~15x slower on an AVX2-only processor). The lane count, and so every sum's
+// order, is the same for every W: results do not depend on the processor's vector width.
 constexpr int64_t kLanes = 16;
-typedef float vfloat __attribute__((vector_size(4 * kLanes)));
-typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
+template <int W>
+struct Lanes {
+  static constexpr int kParts = kLanes / W;
+  typedef float fpart __attribute__((vector_size(4 * W)));
+  typedef int32_t ipart __attribute__((vector_size(4 * W)));
+  struct F {
+    fpart p[kParts];
+    SC_INLINE float operator[](int64_t l) const { return p[l / W][l % W]; }
+  };
+  struct I {
+    ipart p[kParts];
+    SC_INLINE int32_t operator[](int64_t l) const { return p[l / W][l % W]; }
+  };
+  static SC_INLINE F load(const float* x) {
+    F v;
+    for (int k = 0; k < kParts; ++k) __builtin_memcpy(&v.p[k], x + k * W, sizeof(fpart));
+    return v;
+  }
+  static SC_INLINE F splat(float x) {
+    F v;
+    for (int k = 0; k < kParts; ++k) v.p[k] = fpart{} + x;
+    return v;
+  }
+  static SC_INLINE I iota() {  // lane l holds l
+    I v;
+    for (int64_t l = 0; l < kLanes; ++l) v.p[l / W][l % W] = static_cast<int32_t>(l);
+    return v;
+  }
+  friend SC_INLINE F operator+(F a, const F& b) {
+    for (int k = 0; k < kParts; ++k) a.p[k] += b.p[k];
+    return a;
+  }
+  friend SC_INLINE F operator-(F a, const F& b) {
+    for (int k = 0; k < kParts; ++k) a.p[k] -= b.p[k];
+    return a;
+  }
+  friend SC_INLINE F operator*(F a, const F& b) {
+    for (int k = 0; k < kParts; ++k) a.p[k] *= b.p[k];
+    return a;
+  }
+  friend SC_INLINE I operator>(const F& a, const F& b) {
+    I m;
+    for (int k = 0; k < kParts; ++k) m.p[k] = a.p[k] > b.p[k];
+    return m;
+  }
+  friend SC_INLINE I operator+(I a, int32_t b) {
+    for (int k = 0; k < kParts; ++k) a.p[k] += b;
+    return a;
+  }
+  static SC_INLINE F select(const I& m, F a, const F& b) {  // a where m, else b
+    for (int k = 0; k < kParts; ++k) a.p[k] = m.p[k] ? a.p[k] : b.p[k];
+    return a;
+  }
+  static SC_INLINE I select(const I& m, I a, const I& b) {
+    for (int k = 0; k < kParts; ++k) a.p[k] = m.p[k] ? a.p[k] : b.p[k];
+    return a;
+  }
+};
+
+// Sums in a fixed order (per lane, then across the lanes in turn, then the tail), so a value
+// does not depend on the thread that computes it.
+template <class V>
+SC_INLINE float lane_sum(const V& acc) {
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
 }
-
-inline vfloat splat(float x) { return vfloat{} + x; }
 
 // max_j (alpha * z_j + b_j) over one head's block of a row, and the first j that reaches it
 // (numpy's argmax convention): each lane keeps its best value and column, merged at the end.
-SC_CLONES float biased_argmax_row(const float* z, const float* b, float alpha, int64_t k, int64_t* arg) {
+template <class L>
+SC_INLINE float biased_argmax_row_lanes(const float* z, const float* b, float alpha, int64_t k, int64_t* arg) {
+  using F = typename L::F;
+  using I = typename L::I;
   const float ninf = -std::numeric_limits<float>::infinity();
-  vfloat best = splat(ninf);
-  vint where{}, column{};
-  for (int64_t l = 0; l < kLanes; ++l) column[l] = static_cast<int32_t>(l);
-  const vfloat va = splat(alpha);
+  F best = L::splat(ninf);
+  I where{}, column = L::iota();
+  const F va = L::splat(alpha);
   const int64_t full = k - k % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
-    const vfloat v = va * load(z + j) + load(b + j);
-    const vint better = v > best;
-    best = better ? v : best;
-    where = better ? column : where;
-    column += kLanes;
+    const F v = va * L::load(z + j) + L::load(b + j);
+    const I better = v > best;
+    best = L::select(better, v, best);
+    where = L::select(better, column, where);
+    column = column + static_cast<int32_t>(kLanes);
   }
   float m = ninf;
   int64_t a = 0;
@@ -81,14 +146,16 @@ SC_CLONES float biased_argmax_row(const float* z, const float* b, float alpha, i
 }
 
 // max_j (alpha * z_j + b_j) over a block (no position).
-SC_CLONES float biased_max(const float* z, const float* b, float alpha, int64_t k) {
+template <class L>
+SC_INLINE float biased_max_lanes(const float* z, const float* b, float alpha, int64_t k) {
+  using F = typename L::F;
   const float ninf = -std::numeric_limits<float>::infinity();
-  vfloat best = splat(ninf);
-  const vfloat va = splat(alpha);
+  F best = L::splat(ninf);
+  const F va = L::splat(alpha);
   const int64_t full = k - k % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
-    const vfloat v = va * load(z + j) + load(b + j);
-    best = v > best ? v : best;
+    const F v = va * L::load(z + j) + L::load(b + j);
+    best = L::select(v > best, v, best);
   }
   float m = ninf;
   for (int64_t l = 0; l < kLanes; ++l) m = best[l] > m ? best[l] : m;
@@ -99,52 +166,68 @@ SC_CLONES float biased_max(const float* z, const float* b, float alpha, int64_t 
   return m;
 }
 
-// Sums in a fixed order (per lane, then across the lanes in turn, then the tail), so a value
-// does not depend on the thread that computes it.
-inline float lane_sum(const vfloat& acc) {
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
 // sum_j x_j y_j.
-SC_CLONES float dot(const float* x, const float* y, int64_t d) {
-  vfloat acc = splat(0.0f);
+template <class L>
+SC_INLINE float dot_lanes(const float* x, const float* y, int64_t d) {
+  typename L::F acc = L::splat(0.0f);
   const int64_t full = d - d % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * load(y + j);
+  for (int64_t j = 0; j < full; j += kLanes) acc = acc + L::load(x + j) * L::load(y + j);
   float s = lane_sum(acc);
   for (int64_t j = full; j < d; ++j) s += x[j] * y[j];
   return s;
 }
 
-inline float squared_norm(const float* x, int64_t d) { return dot(x, x, d); }
-
 // sum_j (x_j - y_j)^2.
-SC_CLONES float squared_distance(const float* x, const float* y, int64_t d) {
-  vfloat acc = splat(0.0f);
+template <class L>
+SC_INLINE float squared_distance_lanes(const float* x, const float* y, int64_t d) {
+  using F = typename L::F;
+  F acc = L::splat(0.0f);
   const int64_t full = d - d % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
-    const vfloat v = load(x + j) - load(y + j);
-    acc += v * v;
+    const F v = L::load(x + j) - L::load(y + j);
+    acc = acc + v * v;
   }
   float s = lane_sum(acc);
   for (int64_t j = full; j < d; ++j) s += (x[j] - y[j]) * (x[j] - y[j]);
   return s;
 }
 
-SC_CLONES void divide_row(float* out, const float* x, float denom, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) out[j] = x[j] / denom;
-}
-
 // Whether x[0 .. m) holds no NaN and no infinity: x * 0 is 0 for every finite x and NaN
 // otherwise, and a NaN anywhere makes the sum unequal to itself.
-SC_CLONES bool finite_span(const float* x, int64_t m) {
-  vfloat acc = splat(0.0f);
+template <class L>
+SC_INLINE bool finite_span_lanes(const float* x, int64_t m) {
+  typename L::F acc = L::splat(0.0f);
+  const typename L::F zero = L::splat(0.0f);
   const int64_t full = m - m % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) acc += load(x + j) * 0.0f;
+  for (int64_t j = 0; j < full; j += kLanes) acc = acc + L::load(x + j) * zero;
   float s = lane_sum(acc);
   for (int64_t j = full; j < m; ++j) s += x[j] * 0.0f;
   return s == s;
+}
+
+// Each vector kernel in one version per instruction set, each with its own register width
+// (GCC's function multiversioning picks one at load time); elsewhere the 4-wide one.
+#ifdef SC_X86_VERSIONS
+#define SC_VERSIONS(ret, name, params, args)                                                       \
+  __attribute__((target("avx512f"))) ret name params { return name##_lanes<Lanes<16>> args; }     \
+  __attribute__((target("avx2"))) ret name params { return name##_lanes<Lanes<8>> args; }         \
+  __attribute__((target("default"))) ret name params { return name##_lanes<Lanes<4>> args; }
+#else
+#define SC_VERSIONS(ret, name, params, args) \
+  inline ret name params { return name##_lanes<Lanes<4>> args; }
+#endif
+
+SC_VERSIONS(float, biased_argmax_row, (const float* z, const float* b, float alpha, int64_t k, int64_t* arg),
+            (z, b, alpha, k, arg))
+SC_VERSIONS(float, biased_max, (const float* z, const float* b, float alpha, int64_t k), (z, b, alpha, k))
+SC_VERSIONS(float, dot, (const float* x, const float* y, int64_t d), (x, y, d))
+SC_VERSIONS(float, squared_distance, (const float* x, const float* y, int64_t d), (x, y, d))
+SC_VERSIONS(bool, finite_span, (const float* x, int64_t m), (x, m))
+
+inline float squared_norm(const float* x, int64_t d) { return dot(x, x, d); }
+
+SC_CLONES void divide_row(float* out, const float* x, float denom, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = x[j] / denom;
 }
 
 SC_CLONES void add_row(float* acc, const float* x, int64_t d) {
