@@ -85,6 +85,32 @@ def test_assigned_scores_match_torch_and_the_full_scores(metric, d):
 
 
 @needs_kernels
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("sizes", [[7], [5, 12, 3]])
+def test_certificate_terms_match_torch(metric, weighted, sizes):
+    from streamcoke.core.certificate import batch_terms, streaming_bound_correction
+
+    g = torch.Generator().manual_seed(len(sizes) + 2 * weighted)
+    n, K, H = 90, sum(sizes), len(sizes)
+    X, best = torch.randn(n, 19, generator=g), torch.randn(n, H, generator=g)
+    w = torch.rand(n, generator=g) + 0.5 if weighted else None
+    counts, bias, ref = torch.rand(K, generator=g).double() * 9, torch.randn(K, generator=g), torch.randn(K, generator=g)
+    fast = batch_terms(best, X, metric, w, counts, bias, ref, sizes)
+    with use_cpu_kernels(False):
+        slow = batch_terms(best, X, metric, w, counts, bias, ref, sizes)
+    assert fast.dtype == slow.dtype == torch.float64 and fast.shape == (3 * H,)
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-4)
+    # What the terms mean, from the definitions: winning scores with the row constant, weighted.
+    full = best.double() + (0.0 if metric == "cosine" else -(X.double() ** 2).sum(1, keepdim=True))
+    full = full * (1.0 if w is None else w.double().unsqueeze(1))
+    paid = torch.stack([(c * b.double()).sum() for c, b in zip(counts.split(sizes), bias.split(sizes))])
+    assert torch.allclose(fast[H:2 * H], full.sum(0), rtol=1e-6, atol=1e-3)
+    assert torch.allclose(fast[:H], full.sum(0) - paid, rtol=1e-6, atol=1e-3)
+    assert torch.equal(fast[2 * H:], streaming_bound_correction(ref, bias, sizes).double())
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (300, 128), (2000, 5)])
 def test_normalize_rows_matches_torch(shape):
     g = torch.Generator().manual_seed(shape[0])

@@ -23,11 +23,11 @@ from torch import Tensor
 from .. import distributed
 from ..core.assign import assign, biased_argmax, flat_labels
 from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update, scatter_sum
-from ..core.certificate import streaming_bound_correction
+from ..core.certificate import batch_terms
 from ..core.duals import dual_step, repeated_dual_steps
 from ..core.init import initial_centers
 from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
-from ..core.similarity import prepare, products, row_offset, score_terms, scores
+from ..core.similarity import prepare, products, score_terms, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -341,11 +341,12 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
 
         # Batch totals and, for the default schedule, the score-gap statistic (summed over ranks).
         weight = float(n) if w is None else float(w.double().sum())
-        totals = torch.tensor([weight, float(n), float(n_gap_rows)], dtype=torch.float64, device=dev)
-        if use_default:
-            totals = torch.cat([totals, batch_gap_sums])
-        totals, counts = distributed.all_reduce_sum(totals, local_counts)
-        totals = totals.tolist()
+        totals = [weight, float(n), float(n_gap_rows)] + (batch_gap_sums.tolist() if use_default else [])
+        counts = local_counts
+        if distributed.is_distributed():
+            summed, counts = distributed.all_reduce_sum(torch.tensor(totals, dtype=torch.float64, device=dev),
+                                                        local_counts)
+            totals = summed.tolist()
         batch_weight, n_rows = totals[0], int(totals[1])
         gap = s["gap"]
         if use_default:
@@ -386,16 +387,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
                                       for k, st, m in zip(sizes, plan.step, plan.n_iter)])
                 rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
 
-        # Certificate terms: sum of the winning biased scores, and of the bias they contain
-        # (counts . bias, so no per-sample gather is needed).
-        offset = row_offset(Xp, self.metric)
-        best = (best if offset is None else best + offset.unsqueeze(1)).double()
-        if w is not None:
-            best = best * w.double().unsqueeze(1)
-        row_max = best.sum(0)
-        paid = local_counts * bias_used.double()
-        bias_paid = paid.sum().reshape(1) if H == 1 else torch.stack([p.sum() for p in torch.split(paid, list(sizes))])
-        cert = torch.cat([row_max - bias_paid, row_max])
+        # Certificate terms: objective, row maxima and the streaming-bound slack, per head.
+        terms = batch_terms(best, Xp, self.metric, w, local_counts, bias_used, s["reference_net"], sizes)
+        cert = terms[:2 * H]
         epoch_counts = s["epoch_counts"] + counts
         if self.center_update == "none":
             cert, = distributed.all_reduce_sum(cert)
@@ -415,7 +409,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             else:
                 new = {"centers": ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)}
 
-        correction = streaming_bound_correction(s["reference_net"], bias_used, sizes).double() * batch_weight
+        correction = terms[2 * H:] * batch_weight
         self._state = {
             **s, **new, "rho": rho, "mu": mu, "gap": gap,
             "epoch_counts": epoch_counts,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu
+
 
 def dual_bound(S: Tensor, rho: Tensor, min_sizes: Tensor, mu: Tensor | None = None,
                max_sizes: Tensor | None = None) -> Tensor:
@@ -37,6 +39,35 @@ def streaming_bound_correction(reference: Tensor, current: Tensor, sizes) -> Ten
     if len(sizes) == 1:
         return diff.max().reshape(1)
     return torch.stack([block.max() for block in torch.split(diff, list(sizes))])
+
+
+def batch_terms(best: Tensor, X: Tensor, metric: str, weights: Tensor | None, counts: Tensor, bias: Tensor,
+                reference: Tensor, sizes) -> Tensor:
+    """One batch's contribution to the epoch's certificate, per head: float64 ``(3 * n_heads,)``
+    holding the objective (the summed winning scores less the bias they contain), the summed
+    winning scores (row maxima) and the per-sample :func:`streaming_bound_correction`.
+
+    ``best`` (n, n_heads) are the winning biased scores without the row constant that
+    :func:`streamcoke.core.similarity.score_terms` leaves out (``-||x||^2`` for Euclidean),
+    ``counts`` (float64) the weight each center received and ``bias`` the ``rho - mu`` used;
+    the bias paid is ``counts . bias``, so no per-sample gather is needed.
+    """
+    kernel = cpu.kernels() if best.device.type == "cpu" and best.dtype == bias.dtype == torch.float32 \
+        and X.dtype == torch.float32 else None
+    if kernel is not None:
+        return kernel.certificate_terms(
+            best.contiguous(), torch.empty(0) if metric == "cosine" else X.contiguous(),
+            torch.empty(0) if weights is None else weights.float().contiguous(), counts.contiguous(),
+            bias.contiguous(), reference.contiguous(), list(sizes))
+    if metric != "cosine":
+        best = best + (X * X).sum(dim=1).neg().unsqueeze(1)
+    best = best.double()
+    if weights is not None:
+        best = best * weights.double().unsqueeze(1)
+    row_max = best.sum(0)
+    paid = counts * bias.double()
+    bias_paid = paid.sum().reshape(1) if len(sizes) == 1 else torch.stack([p.sum() for p in torch.split(paid, list(sizes))])
+    return torch.cat([row_max - bias_paid, row_max, streaming_bound_correction(reference, bias, sizes).double()])
 
 
 def tightest_dual_bound(S: Tensor, min_sizes: Tensor, n_iter: int = 300) -> tuple[Tensor, Tensor]:

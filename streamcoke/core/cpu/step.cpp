@@ -1,12 +1,13 @@
 // Fused CPU kernels for one step of online constrained k-means.
 //
-// The multiply that scores a batch against every center is left to the BLAS (torch.mm). What
-// follows it on the CPU is memory-bound work over the (n, K) score matrix and the (K, d)
-// centers, which as a chain of torch operations costs more than half the multiply again (every
-// operation is one more pass over memory, one more dispatch and one more thread fork-join).
-// Here it is one pass over the scores and one over the centers, split across torch's threads.
+// What follows the scoring multiply on the CPU is memory-bound work over the (n, K) score
+// matrix, the (K, d) centers and O(K) state, which as a chain of torch operations costs more than
+// half the multiply again (every operation is one more pass over memory, one more dispatch and
+// one more thread fork-join). Here each part is one pass, split across torch's threads. On
+// processors with AVX-512 the multiply itself is here too (scores_into); elsewhere the BLAS
+// (torch.mm) does it.
 //
-// Both kernels have a torch reference implementation in streamcoke/core (the GPU path and the
+// Every kernel has a torch reference implementation in streamcoke/core (the GPU path and the
 // fallback); the tests check that the two agree.
 
 #include <torch/extension.h>
@@ -557,6 +558,66 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
   return {new_centers, new_sums};
 }
 
+// A batch's terms of the duality certificate, per head h (float64, 3H values): the summed
+// winning scores less the bias they contain (counts . bias over the head's centers), the summed
+// winning scores, and the slack max_k (reference_k - bias_k) that keeps the streaming bound
+// valid while the duals move. best: (n, H) winning biased scores without the row constant;
+// X: the batch, given for the Euclidean metric (whose row constant is -||x||^2), else empty;
+// weights: (n,) or empty. Replaces a dozen small torch operations on O(n + K) values.
+at::Tensor certificate_terms(const at::Tensor& best, const at::Tensor& X, const at::Tensor& weights,
+                             const at::Tensor& counts, const at::Tensor& bias, const at::Tensor& reference,
+                             const std::vector<int64_t>& sizes) {
+  check_cpu_float(best, "best", 2);
+  check_cpu_float(bias, "bias", 1);
+  check_cpu_float(reference, "reference", 1);
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kDouble && counts.dim() == 1 &&
+                  counts.is_contiguous(), "counts must be a contiguous float64 CPU tensor");
+  const int64_t n = best.size(0), H = best.size(1);
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == H, "one size per head");
+  int64_t total = 0;
+  for (int64_t k : sizes) total += k;
+  TORCH_CHECK(counts.size(0) == total && bias.size(0) == total && reference.size(0) == total,
+              "counts, bias and reference need one value per center");
+  const bool euclidean = X.numel() > 0, weighted = weights.numel() > 0;
+  if (euclidean) {
+    check_cpu_float(X, "X", 2);
+    TORCH_CHECK(X.size(0) == n, "X must hold one row per sample");
+  }
+  if (weighted) {
+    check_cpu_float(weights, "weights", 1);
+    TORCH_CHECK(weights.size(0) == n, "weights must hold one value per sample");
+  }
+  const float* bp = best.data_ptr<float>();
+  const float* x = euclidean ? X.data_ptr<float>() : nullptr;
+  const float* w = weighted ? weights.data_ptr<float>() : nullptr;
+  const int64_t d = euclidean ? X.size(1) : 0;
+  std::vector<double> row_max(H, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const float offset = euclidean ? -squared_norm(x + i * d, d) : 0.0f;
+    for (int64_t h = 0; h < H; ++h) {
+      const double v = static_cast<double>(euclidean ? bp[i * H + h] + offset : bp[i * H + h]);
+      row_max[h] += weighted ? v * static_cast<double>(w[i]) : v;
+    }
+  }
+  auto out = at::empty({3 * H}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const double* c = counts.data_ptr<double>();
+  const float* b = bias.data_ptr<float>();
+  const float* r = reference.data_ptr<float>();
+  for (int64_t h = 0, k0 = 0; h < H; k0 += sizes[h], ++h) {
+    double paid = 0.0;
+    float slack = -std::numeric_limits<float>::infinity();
+    for (int64_t k = k0; k < k0 + sizes[h]; ++k) {
+      paid += c[k] * static_cast<double>(b[k]);
+      slack = std::max(slack, r[k] - b[k]);
+    }
+    o[h] = row_max[h] - paid;
+    o[H + h] = row_max[h];
+    o[2 * H + h] = static_cast<double>(slack);
+  }
+  return out;
+}
+
 // Similarity of every sample to one center each: <x_i, c_{l_i}> / max(||x_i||, 1e-12) (the
 // cosine of the normalised sample) or -||x_i - c_{l_i}||^2 (Euclidean). X: (n, d) as given,
 // not normalised; C: (K, d); labels: (n,) int64. One pass over X and the chosen centers, where
@@ -726,5 +787,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
   m.def("normalize_rows", &normalize_rows, "Rows scaled to unit length", nogil);
   m.def("all_finite", &all_finite, "Whether every entry is finite", nogil);
+  m.def("certificate_terms", &certificate_terms, "A batch's terms of the duality certificate", nogil);
   m.def("inner_dual_steps", &inner_dual_steps, "A batch's projected dual ascent steps after its first", nogil);
 }
