@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from .similarity import row_offset
 
 
 def dual_bound(S: Tensor, rho: Tensor, min_sizes: Tensor, mu: Tensor | None = None,
@@ -59,8 +60,9 @@ def batch_terms(best: Tensor, X: Tensor, metric: str, weights: Tensor | None, co
             best.contiguous(), torch.empty(0) if metric == "cosine" else X.contiguous(),
             torch.empty(0) if weights is None else weights.float().contiguous(), counts.contiguous(),
             bias.contiguous(), reference.contiguous(), list(sizes))
-    if metric != "cosine":
-        best = best + (X * X).sum(dim=1).neg().unsqueeze(1)
+    offset = row_offset(X, metric)
+    if offset is not None:
+        best = best + offset.unsqueeze(1)
     best = best.double()
     if weights is not None:
         best = best * weights.double().unsqueeze(1)
