@@ -299,3 +299,27 @@ def test_repeated_dual_steps_give_the_same_bits_as_the_loop(monkeypatch, metric,
                     ref.duals_ + ref.upper_duals_ + ref.cluster_centers_ + ref.cluster_sizes_):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(fast.epoch_objective_, ref.epoch_objective_)
+
+
+@needs_kernels
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("sizes", [(1,), (7,), (5, 12)])
+def test_label_counts_give_numpys_bincount_bits(weighted, sizes):
+    from streamcoke.core.assign import flat_labels, label_counts
+
+    g = torch.Generator().manual_seed(len(sizes) * 10 + weighted)
+    labels = torch.stack([torch.randint(0, k, (1000,), generator=g) for k in sizes], 1)
+    rows = flat_labels(labels, sizes)
+    w = torch.rand(1000, generator=g) * 3 + 0.1 if weighted else None
+    fast = label_counts(rows, w, sum(sizes))
+    with use_cpu_kernels(False):
+        ref = label_counts(rows, w, sum(sizes))
+    assert fast.dtype == ref.dtype == torch.float64
+    assert torch.equal(fast, ref)
+    assert fast.sum().item() == pytest.approx(len(sizes) * (1000 if w is None else w.double().sum().item()))
+
+
+@needs_kernels
+def test_label_counts_refuse_an_index_out_of_range():
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.kernels().label_counts(torch.tensor([0, 3]), torch.empty(0), 3)

@@ -21,8 +21,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
-from ..core.assign import assign, biased_argmax, flat_labels
-from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update, scatter_sum
+from ..core.assign import assign, biased_argmax, flat_labels, label_counts
+from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update
 from ..core.certificate import batch_terms
 from ..core.duals import dual_step, repeated_dual_steps
 from ..core.init import initial_centers
@@ -39,6 +39,25 @@ STATE_KEYS = (
 )
 # Plain-number counters saved beside them.
 COUNTER_KEYS = ("n_features_in_", "n_samples_seen_", "n_steps_", "n_epochs_completed_")
+
+
+def _epoch_terms_added(s: dict, cert: Tensor, correction: Tensor, batch_weight: float, H: int) -> dict:
+    """The epoch's certificate accumulators with one batch's terms added (``cert``: objective
+    then row maxima per head; ``correction``: the per-sample streaming-bound slack). On the CPU
+    the same float64 additions in numpy, at a fraction of torch's per-call cost."""
+    if cert.device.type == "cpu":
+        c, k = cert.numpy(), correction.numpy()
+
+        def add(key, v):
+            return torch.from_numpy(np.asarray(s[key].numpy() + v))
+    else:
+        c, k = cert, correction
+
+        def add(key, v):
+            return s[key] + v
+    return {"epoch_objective": add("epoch_objective", c[:H]), "epoch_row_max": add("epoch_row_max", c[H:]),
+            "epoch_correction": add("epoch_correction", k * batch_weight),
+            "epoch_weight": add("epoch_weight", batch_weight)}
 
 
 def resolve_device(device) -> torch.device:
@@ -297,13 +316,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
 
     def _counts(self, rows: Tensor, w: Tensor | None) -> Tensor:
         """Weight assigned to every center of every head (``rows`` from ``flat_labels``)."""
-        sizes = self._head_sizes()
-        if rows.device.type == "cpu":  # numpy's bincount: a fraction of torch's per-call cost
-            weights = None if w is None else np.tile(w.numpy().astype(np.float64), len(sizes))
-            return torch.from_numpy(np.bincount(rows.numpy(), weights=weights, minlength=sum(sizes)).astype(np.float64))
-        if w is None:  # integer counts: exact whatever the order of the additions
-            return torch.bincount(rows, minlength=sum(sizes)).double()
-        return scatter_sum(w.double().repeat(len(sizes)), rows, sum(sizes))  # fixed order, unlike bincount
+        return label_counts(rows, w, sum(self._head_sizes()))
 
     def _score_buffer(self, n: int, device: torch.device) -> Tensor:
         """Scratch space for a batch's score matrix, reused across batches: allocating a fresh
@@ -356,7 +369,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             gap = [max(update_gap(None if self.n_steps_ == 0 else g0, g1, batch_weight), f, 1e-30)
                    for g0, g1, f in zip(previous, batch_gap, floor)]
             plan = default_plan(gap, sizes, batch_weight, float(self.n_samples_seen_), float(self.min_size_ratio))
-            gap = torch.tensor(gap, dtype=torch.float64, device=dev)
+            gap = torch.from_numpy(np.array(gap, dtype=np.float64)).to(dev)
         else:
             plan = constant_plan(float(self.dual_lr), sizes, batch_weight)
 
@@ -364,13 +377,14 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         # smaller steps, re-assigning itself with the updated duals each time (one multiply).
         bias_used = bias0
         fused = None
-        if max(plan.n_iter) > 1 and not distributed.is_distributed():  # the loop below in one call
+        if not distributed.is_distributed():  # the loop below in one call (where the CPU kernels run)
             fused = repeated_dual_steps(Z, alpha, s["centers"], self.metric, rho, mu, lower, upper, plan, sizes, w,
                                         batch_weight, local_counts, labels, best)
         if fused is not None:
             labels, best, local_counts, rho, mu, bias_used = fused
             counts = local_counts
-            rows = flat_labels(labels, sizes)
+            if max(plan.n_iter) > 1:
+                rows = flat_labels(labels, sizes)
         else:
             for it in range(max(plan.n_iter)):
                 if it > 0:
@@ -409,14 +423,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             else:
                 new = {"centers": ema_update(s["centers"], sums, counts, float(self.ema_momentum), self.metric)}
 
-        correction = terms[2 * H:] * batch_weight
         self._state = {
-            **s, **new, "rho": rho, "mu": mu, "gap": gap,
-            "epoch_counts": epoch_counts,
-            "epoch_objective": s["epoch_objective"] + cert[:H],
-            "epoch_row_max": s["epoch_row_max"] + cert[H:],
-            "epoch_correction": s["epoch_correction"] + correction,
-            "epoch_weight": s["epoch_weight"] + batch_weight,
+            **s, **new, "rho": rho, "mu": mu, "gap": gap, "epoch_counts": epoch_counts,
+            **_epoch_terms_added(s, cert, terms[2 * H:], batch_weight, H),
         }
         self.n_samples_seen_ += n_rows
         self.n_steps_ += 1

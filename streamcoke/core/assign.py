@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import cpu
+from .centers import scatter_sum
 from .schedule import gap_sums
 from .similarity import products, row_offset, score_terms
 
@@ -102,6 +104,26 @@ def row_argmax(Z: Tensor) -> Tensor:
     if Z.device.type == "cpu" and Z.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(Z.detach().numpy().argmax(axis=1))
     return Z.argmax(dim=1)
+
+
+def label_counts(rows: Tensor, weights: Tensor | None, n_centers: int) -> Tensor:
+    """Float64 weight received by every row of the stacked center matrix, shape (n_centers,).
+
+    ``rows`` from :func:`flat_labels` (n * n_heads, head-major), ``weights`` (n,) or None for
+    ones. Weighted sums are added in the order of ``rows`` on every path except the GPU's
+    weighted one (a fixed-order scatter), so they carry the same bits on every call.
+    """
+    if rows.device.type == "cpu":
+        kernel = cpu.kernels()
+        if kernel is not None:
+            return kernel.label_counts(rows.contiguous(), torch.empty(0) if weights is None
+                                       else weights.float().contiguous(), n_centers)
+        # numpy's bincount: a fraction of torch's per-call cost
+        w = None if weights is None else np.tile(weights.numpy().astype(np.float64), rows.shape[0] // weights.shape[0])
+        return torch.from_numpy(np.bincount(rows.numpy(), weights=w, minlength=n_centers).astype(np.float64))
+    if weights is None:  # integer counts: exact whatever the order of the additions
+        return torch.bincount(rows, minlength=n_centers).double()
+    return scatter_sum(weights.double().repeat(rows.shape[0] // weights.shape[0]), rows, n_centers)
 
 
 def flat_labels(labels: Tensor, sizes: Sequence[int]) -> Tensor:

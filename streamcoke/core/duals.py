@@ -44,9 +44,9 @@ def dual_step(rho: Array, mu: Array, shares: Array, lower: Array, upper: Array |
 
 def repeated_dual_steps(Z, alpha: float, centers, metric: str, rho, mu, lower, upper, plan, sizes, weights,
                         batch_weight: float, counts, labels, best):
-    """All the ascent steps of a batch that takes several (``plan.n_iter``), on one process: after
-    each step the batch is re-assigned from its raw scores ``Z`` with the new duals and
-    recounted. Given the first assignment (``labels``, ``best``, float64 ``counts``), returns
+    """All the ascent steps of a batch (``plan.n_iter``, one or several), on one process: after
+    each step but the last the batch is re-assigned from its raw scores ``Z`` with the new duals
+    and recounted. Given the first assignment (``labels``, ``best``, float64 ``counts``), returns
     ``(labels, best, counts, rho, mu, bias)`` of the last one, ``bias`` being the ``rho - mu`` it
     used; the same numbers as the estimator's loop of torch operations, which it replaces on
     the CPU. Returns None where the kernels of :mod:`streamcoke.core.cpu` do not run (the GPU,

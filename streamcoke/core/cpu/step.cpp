@@ -116,6 +116,19 @@ SC_INLINE float biased_argmax_row_lanes(const float* z, const float* b, float al
   using F = typename L::F;
   using I = typename L::I;
   const float ninf = -std::numeric_limits<float>::infinity();
+  if (k < kLanes) {  // fewer columns than lanes: the vector part would only reduce -inf lanes
+    float m = ninf;
+    int64_t a = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const float v = alpha * z[j] + b[j];
+      if (v > m) {
+        m = v;
+        a = j;
+      }
+    }
+    *arg = a;
+    return m;
+  }
   F best = L::splat(ninf);
   I where{}, column = L::iota();
   const F va = L::splat(alpha);
@@ -748,6 +761,30 @@ std::vector<at::Tensor> inner_dual_steps(const at::Tensor& Z, double alpha, cons
   return {labels, best, counts, rho, mu, bias};
 }
 
+// Weight received by every center: rows (m,) int64 center indices, head-major (m = n * H),
+// weights (n,) float32 or empty (all ones). Float64, summed in the order of rows, as numpy's
+// bincount does.
+at::Tensor label_counts(const at::Tensor& rows, const at::Tensor& weights, int64_t total) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "rows must be a contiguous int64 CPU tensor");
+  const bool weighted = weights.numel() > 0;
+  const int64_t m = rows.size(0);
+  if (weighted) {
+    check_cpu_float(weights, "weights", 1);
+    TORCH_CHECK(weights.size(0) > 0 && m % weights.size(0) == 0, "rows must hold a whole number of heads");
+  }
+  auto counts = at::zeros({total}, rows.options().dtype(at::kDouble));
+  double* c = counts.data_ptr<double>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const float* w = weighted ? weights.data_ptr<float>() : nullptr;
+  const int64_t n = weighted ? weights.size(0) : 1;
+  for (int64_t t = 0; t < m; ++t) {
+    TORCH_CHECK(r[t] >= 0 && r[t] < total, "center index out of range");
+    c[r[t]] += weighted ? static_cast<double>(w[t % n]) : 1.0;
+  }
+  return counts;
+}
+
 // Every row of X scaled to unit length: x / max(||x||, 1e-12), as torch's F.normalize does (the
 // norm summed in the order of squared_norm). One pass that reads X and writes the copy.
 at::Tensor normalize_rows(const at::Tensor& X) {
@@ -788,5 +825,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normalize_rows", &normalize_rows, "Rows scaled to unit length", nogil);
   m.def("all_finite", &all_finite, "Whether every entry is finite", nogil);
   m.def("certificate_terms", &certificate_terms, "A batch's terms of the duality certificate", nogil);
+  m.def("label_counts", &label_counts, "Weight received by every center, in the order of the rows", nogil);
   m.def("inner_dual_steps", &inner_dual_steps, "A batch's projected dual ascent steps after its first", nogil);
 }
