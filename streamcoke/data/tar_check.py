@@ -10,9 +10,12 @@ samples. A complete tar file ends with an end-of-archive marker, two blocks of 5
 from __future__ import annotations
 
 import os
+import re
+import tarfile
 from typing import Iterator
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys
 
 from .batch import DataError
 
@@ -59,13 +62,54 @@ def tar_end_missing(url: str) -> bool:
         return f.read(END_OF_ARCHIVE).count(0) != END_OF_ARCHIVE
 
 
-def shard_samples(shard: dict) -> Iterator[dict]:
+# Members webdataset's tar reader leaves out: metadata such as ``__meta__``, and directories.
+_SKIPPED_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+def local_tar_path(url: str) -> str | None:
+    """The path of ``url`` when it is a local, uncompressed tar file (a bare path or a
+    ``file:`` URL), else None."""
+    path = url[5:] if url.startswith("file:") else url
+    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return None if f.read(6).startswith(_COMPRESSED_MAGIC) else path
+
+
+def local_tar_members(path: str, url: str, writable: bool = False) -> Iterator[dict]:
+    """The members of a local uncompressed tar file as webdataset's tar reader yields them
+    (``fname``, ``data``, ``__url__``), each read with one system call. webdataset reads any
+    shard as a stream, in records of 10 KiB that it joins again: for members of hundreds of
+    KiB (blocks of rows) that cost more than decoding them. ``writable`` reads into a
+    ``bytearray``, which arrays can then use in place (``bytes`` would need a copy)."""
+    with open(path, "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        while (info := tar.next()) is not None:  # next() seeks to the header itself
+            tar.members = []  # its index of the members read so far: not needed, keep memory flat
+            if not info.isreg() or _SKIPPED_MEMBER.match(info.name):
+                continue
+            f.seek(info.offset_data)
+            if writable:
+                data = bytearray(info.size)
+                got = f.readinto(data)
+            else:
+                data = f.read(info.size)
+                got = len(data)
+            if got != info.size:
+                raise tarfile.ReadError(f"unexpected end of data in member {info.name!r}")
+            yield {"fname": info.name, "data": data, "__url__": url}
+
+
+def shard_samples(shard: dict, writable: bool = False) -> Iterator[dict]:
     """The samples of one shard (``{"url": ...}``, a webdataset shard-list item). A corrupt or
     truncated shard raises :class:`DataError` naming it and its last good sample key, after
-    the samples read before the damage."""
+    the samples read before the damage. Local uncompressed shards are read member by member
+    with :func:`local_tar_members` (``writable`` passes on), others by webdataset."""
     url, last = shard["url"], None
     try:
-        for sample in wds.tarfile_samples([dict(shard)]):
+        path = local_tar_path(url)
+        samples = group_by_keys(local_tar_members(path, url, writable)) if path is not None \
+            else wds.tarfile_samples([dict(shard)])
+        for sample in samples:
             last = sample["__key__"]
             yield sample
         if tar_end_missing(url):

@@ -42,7 +42,7 @@ def decode_npy(data: bytes) -> np.ndarray:
         raise ValueError("not an .npy file")
     start = 10 if data[6] == 1 else 12
     end = start + int.from_bytes(data[8:start], "little")
-    header = data[:end]
+    header = bytes(data[:end])  # a dict key: data may be a bytearray
     meta = _NPY_HEADERS.get(header)
     if meta is None:
         f = io.BytesIO(header)
@@ -70,7 +70,7 @@ def decode_pth(data: bytes) -> np.ndarray:
 def decode_safetensors(data: bytes) -> np.ndarray:
     from safetensors.numpy import load
 
-    tensors = load(data)
+    tensors = load(bytes(data))  # the binding takes bytes, not a bytearray
     if len(tensors) != 1:
         raise ValueError(f"holds {len(tensors)} tensors ({', '.join(tensors)}), expected one")
     return next(iter(tensors.values()))
@@ -176,7 +176,7 @@ def _tar_samples(handler: Callable):
     def stage(shards):
         for shard in shards:
             try:
-                yield from shard_samples(shard)
+                yield from shard_samples(shard, writable=True)  # arrays use the read buffers in place
             except DataError as err:
                 report(handler, err)
 
