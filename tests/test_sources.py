@@ -398,3 +398,49 @@ def test_prefetch_keeps_order_and_raises_in_place():
         for v in prefetch(gen(), depth=1):
             out.append(v)
     assert out == [0, 1, 2]
+
+
+def test_local_shards_read_as_webdataset_reads_them(tmp_path, X):
+    # The member-by-member reader of local uncompressed shards must give the samples (keys,
+    # fields, bytes) that webdataset's stream reader gives, leaving out what it leaves out.
+    from streamcoke.data.tar_check import local_tar_path, shard_samples
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        add("__meta__", b"ignored")
+        tar.addfile(tarfile.TarInfo("folder"))  # a directory entry
+        tar.getmember("folder").type = tarfile.DIRTYPE
+        for i in range(5):
+            buf = io.BytesIO()
+            np.save(buf, X[i])
+            add(f"{'a' * 120}/k{i}.npy", buf.getvalue())  # a long name: a GNU/pax header first
+            add(f"{'a' * 120}/k{i}.cls", str(i).encode())
+    ours = list(shard_samples({"url": str(path)}))
+    theirs = list(wds.tarfile_samples([{"url": str(path)}]))
+    assert local_tar_path(str(path)) == str(path) and local_tar_path(f"file:{path}") == str(path)
+    assert [sorted(s) for s in ours] == [sorted(s) for s in theirs] and len(ours) == 5
+    assert all(bytes(a[k]) == bytes(b[k]) for a, b in zip(ours, theirs) for k in a if not k.startswith("__"))
+    assert all(a["__key__"] == b["__key__"] for a, b in zip(ours, theirs))
+    writable = list(shard_samples({"url": str(path)}, writable=True))
+    assert all(isinstance(s["npy"], bytearray) for s in writable)
+
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(path.read_bytes()))
+    assert local_tar_path(str(tmp_path / "s.tar.gz")) is None  # compressed: webdataset reads it
+    assert [s["__key__"] for s in shard_samples({"url": str(tmp_path / "s.tar.gz")})] == [s["__key__"] for s in ours]
+
+    # Cut inside a member's data: named, with the last sample yielded (a sample is complete
+    # only once the next one starts, so k2 goes with k3, as in webdataset's reader).
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(f"{'a' * 120}/k3.npy").offset_data + 10
+    path.write_bytes(data[:cut])
+    got = []
+    with pytest.raises(DataError, match=r"unreadable shard.*end of data.*k3\.npy.*after sample '.*k1'.*s\.tar"):
+        for s in shard_samples({"url": str(path)}):
+            got.append(s["__key__"])
+    assert got == [f"{'a' * 120}/k{i}" for i in range(2)]
