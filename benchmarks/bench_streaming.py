@@ -4,7 +4,8 @@ The data are Gaussian-mixture embeddings (d = 128) clustered into K = 1000 clust
 batches of 1024, one epoch. The same rows, the same batches, five ways:
 
 - in memory: a float32 tensor already in RAM, sliced into batches for ``partial_fit``;
-- ``streamcoke cluster`` on a Parquet file (fixed-size-list column), on a ``.npy`` file, on
+- ``streamcoke cluster`` on a Parquet file (fixed-size-list column), on an Arrow IPC file of
+  the same table (record batches of 65,536 rows), on a ``.npy`` file, on
   WebDataset shards of one row per sample (``KEY.npy``, at the 1x size only) and on shards of
   blocks of 1024 rows per sample (``streamcoke shards --rows-per-sample 1024``), writing the
   labels to Parquet: the whole command, reading, clustering, scoring and writing.
@@ -16,6 +17,8 @@ kind, so that a busy machine slows both sides of a ratio alike; the table shows 
 ``--repeats`` rounds, ``vs memory`` is the best streamed rate over the best in-memory one, and
 ``median`` the median over rounds of each round's own ratio (the steadier figure on a shared
 machine, where one slow round moves a best-of ratio a lot).
+``read alone`` is the source by itself (``streamcoke.data.open_source``, one thread, no
+clustering, no prefetch thread): what reading costs the machine, apart from the contention.
 Peak memory is the peak resident set size of a separate process per run (its own VmHWM), at 1x
 and at 10x the rows: a streaming run should need about the same at both.
 
@@ -45,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "streaming.json"
 
 
 def make_data(folder: Path, n: int, seed: int = 0) -> dict[str, Path]:
-    """Write n rows as .npy and Parquet, in chunks so that making 10x needs no 10x memory."""
+    """Write n rows as .npy, Parquet and Arrow IPC, in chunks so that making 10x needs no 10x memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -53,19 +56,22 @@ def make_data(folder: Path, n: int, seed: int = 0) -> dict[str, Path]:
     means = rng.normal(size=(K, D)).astype(np.float32)
     npy = folder / f"x{n}.npy"
     pqt = folder / f"x{n}.parquet"
+    ipc = folder / f"x{n}.arrow"
     out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(n, D))
     schema = pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32(), D))])
-    with pq.ParquetWriter(pqt, schema) as w:
+    with pq.ParquetWriter(pqt, schema) as w, pa.ipc.new_file(str(ipc), schema) as w_ipc:
         for s in range(0, n, 65536):
             m = min(65536, n - s)
             X = means[rng.integers(K, size=m)] + 0.5 * rng.normal(size=(m, D)).astype(np.float32)
             out[s:s + m] = X
-            w.write_table(pa.table({"id": np.arange(s, s + m),
-                                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), D)},
-                                   schema=schema))
+            table = pa.table({"id": np.arange(s, s + m),
+                              "embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), D)},
+                             schema=schema)
+            w.write_table(table)
+            w_ipc.write_table(table)
     out.flush()
     del out
-    return {"npy": npy, "parquet": pqt}
+    return {"npy": npy, "parquet": pqt, "arrow": ipc}
 
 
 def in_memory_rate(npy: Path) -> tuple[float, int]:
@@ -115,6 +121,23 @@ def measured(code: str) -> tuple[str, int]:
     return out, int(re.search(r"peak-rss-kib (\d+)", out).group(1))
 
 
+def read_rate(path: Path) -> float:
+    """Samples/s of the source alone, in one thread, after its first batch."""
+    code = f"""
+import time, torch
+torch.set_num_threads(1)
+from streamcoke.data import open_source
+it = iter(open_source([{str(path)!r}], batch_size={B}))
+next(it)
+n, start = 0, time.perf_counter()
+for b in it:
+    n += len(b.ids)
+print("rate", n / (time.perf_counter() - start))
+"""
+    out, _ = measured(code)
+    return float(re.search(r"^rate ([\d.e+]+)$", out, re.M).group(1))
+
+
 def cli_run(inputs: list[str], folder: Path) -> tuple[float, int]:
     """`streamcoke cluster` on ``inputs``; returns (samples/s after the first batch, peak RSS in KiB)."""
     argv = ["cluster", *inputs, "--n-clusters", str(K), "--batch-size", str(B), "--epochs", "1", "--quiet",
@@ -147,7 +170,7 @@ def main() -> None:
                                                         maxcount=100 * B, rows_per_sample=B)
         print(f"data written in {time.perf_counter() - t0:.0f} s: {n1:,} and {10 * n1:,} rows x {D}", file=sys.stderr)
 
-        kinds = ("parquet", "npy", "webdataset", "webdataset, blocks")
+        kinds = ("parquet", "arrow", "npy", "webdataset", "webdataset, blocks")
         mem_rates, mem_rss = [], 0
         rates = {k: [] for k in kinds}
         rss1 = {k: 0 for k in kinds}
@@ -169,6 +192,7 @@ def main() -> None:
                    "vs_in_memory_per_round": [a / m for a, m in zip(rates[kind], mem_rates)],
                    "vs_in_memory_median": statistics.median(a / m for a, m in zip(rates[kind], mem_rates)),
                    "peak_rss_mib_1x": rss1[kind] / 1024}
+            row["read_alone"] = read_rate(small[kind])
             if kind in large:
                 r10, m10 = cli_run([str(large[kind])], folder)
                 row.update(rate_10x=r10, peak_rss_mib_10x=m10 / 1024,
@@ -177,11 +201,13 @@ def main() -> None:
 
     print(f"\nd = {D}, K = {K}, batch = {B}, 1x = {n1:,} rows, 10x = {10 * n1:,} rows, one epoch; "
           f"rates after the first batch, best of {repeats}\n")
-    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'median':>7s} {'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
+    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'median':>7s} {'read alone':>11s} "
+          f"{'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
     for name, r in rows.items():
         fmt = lambda k, f: (f.format(r[k]) if k in r else "-")  # noqa: E731
         print(f"{name:40s} {fmt('rate_1x', '{:,.0f}'):>13s} {fmt('rate_10x', '{:,.0f}'):>10s} "
               f"{fmt('vs_in_memory', '{:.0%}'):>10s} {fmt('vs_in_memory_median', '{:.0%}'):>7s} "
+              f"{fmt('read_alone', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_1x', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_10x', '{:,.0f}'):>8s} {fmt('rss_growth_10x', '{:+.0%}'):>7s}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,26 @@ def test_parquet_wrong_width_file_and_row(tmp_path, X):
         collect(ParquetSource(tmp_path / "v.parquet", batch_size=2))
 
 
+def test_arrow_ipc_files_are_told_by_their_names(tmp_path, X):
+    table = pa.table({"id": [f"s{i}" for i in range(len(X))], "embedding": fixed_list(X)})
+    (tmp_path / "d").mkdir()
+    for name, part in (("0.arrow", table.slice(0, 50)), ("1.feather", table.slice(50))):
+        with pa.ipc.new_file(str(tmp_path / "d" / name), table.schema) as w:
+            for rb in part.to_batches(max_chunksize=9):
+                w.write_batch(rb)
+    for src in (ParquetSource(tmp_path / "d", batch_size=16),
+                ParquetSource([tmp_path / "d" / "0.arrow", tmp_path / "d" / "1.feather"], batch_size=16),
+                open_source([tmp_path / "d" / "0.arrow", tmp_path / "d" / "1.feather"], batch_size=16)):
+        assert src.format == "ipc" and len(src) == 103
+        ids, F = collect(src)
+        assert ids == table.column("id").to_pylist()
+        np.testing.assert_array_equal(F, X)
+    with pytest.raises(DataError, match="0.arrow"):  # told to read Arrow IPC as Parquet
+        ParquetSource(tmp_path / "d" / "0.arrow", format="parquet")
+    with pytest.raises(ValueError, match="format must be"):
+        ParquetSource(tmp_path / "d", format="csv")
+
+
 def test_parquet_missing_column(tmp_path, X):
     pq.write_table(pa.table({"key": np.arange(103), "embedding": fixed_list(X)}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="missing column 'id'.*a.parquet"):

@@ -14,6 +14,29 @@ from .batch import Batch, DataError, finite_rows, item, raise_errors, rebatch, r
 # Bytes read from a Parquet file at a time (a buffered stream, not whole column chunks).
 READ_BUFFER = 1 << 20
 
+IPC_SUFFIXES = (".arrow", ".feather", ".ipc")
+
+
+def guess_format(path) -> str:
+    """``"ipc"`` when every file named (or found under a named directory) is Arrow IPC by its
+    suffix (``.arrow``, ``.feather``, ``.ipc``), else ``"parquet"``.
+
+    Examples
+    --------
+    >>> guess_format("emb.arrow"), guess_format(["a.feather", "b.ipc"]), guess_format("emb.parquet")
+    ('ipc', 'ipc', 'parquet')
+    """
+    import os
+
+    files = []
+    for p in (path if isinstance(path, (list, tuple)) else [path]):
+        p = str(p)
+        if os.path.isdir(p):
+            files += [f for _, _, names in os.walk(p) for f in names if not f.startswith((".", "_"))]
+        else:
+            files.append(p)
+    return "ipc" if files and all(f.lower().endswith(IPC_SUFFIXES) for f in files) else "parquet"
+
 
 class ParquetSource:
     """Stream an embedding column and an id column of a ``pyarrow.dataset`` in mini-batches.
@@ -32,7 +55,9 @@ class ParquetSource:
         None numbers the rows instead (0, 1, ... across files, in order).
     batch_size : int, default=1024
     device : str or torch.device, default="cpu"
-    format : {"parquet", "arrow", "feather", "ipc"}, default="parquet"
+    format : {"parquet", "arrow", "feather", "ipc"} or None, default=None
+        None tells by the file names: Arrow IPC when they all end in ``.arrow``, ``.feather``
+        or ``.ipc``, Parquet otherwise.
     handler : callable, default=raise_errors
         Receives a :class:`DataError` for a file with a wrong column type or width (its rows
         are counted as skipped), and for a row of the wrong length or with NaN or infinity.
@@ -49,9 +74,14 @@ class ParquetSource:
     """
 
     def __init__(self, path, feature_column: str = "embedding", id_column: str | None = "id",
-                 batch_size: int = 1024, device="cpu", *, format: str = "parquet",
+                 batch_size: int = 1024, device="cpu", *, format: str | None = None,
                  n_features: int | None = None, handler: Callable = raise_errors):
         paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path)
+        if format is None:
+            format = guess_format(paths)
+        if format not in ("parquet", "arrow", "feather", "ipc"):
+            raise ValueError(f"format must be 'parquet', 'arrow', 'feather' or 'ipc', got {format!r}")
+        format = "ipc" if format == "arrow" else format
         try:
             self.dataset = ds.dataset(paths, format=format)
         except (OSError, pa.ArrowInvalid) as exc:
