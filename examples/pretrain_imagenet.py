@@ -127,7 +127,8 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    trainer.release_process_group()
+    distributed.leave()
 
     if args.val_shards and rank == 0:
         scores = knn_score(trainer, args.shards, args.val_shards, args.num_workers)

@@ -7,11 +7,19 @@ every rank applies the same update as one process that saw the global batch.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if dist.is_available():
+    # Imported before any process group exists: its functions take ``group=group.WORLD`` as a
+    # default argument, evaluated at import, so importing it later (DistributedDataParallel
+    # does, on first use) stores the default group in a dozen defaults for good, and the group
+    # then outlives destroy_process_group (see ``leave``).
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def is_distributed() -> bool:
@@ -87,3 +95,20 @@ def init_from_env(device: str | None = None) -> torch.device | None:
         return local
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def leave() -> None:
+    """Leave the default process group (if any) and let the backend's threads finish now.
+
+    ``destroy_process_group`` only unregisters the group; its threads stop when the last
+    reference to it goes (this module imports ``torch.distributed.nn.functional`` early, whose
+    default arguments would otherwise hold it). Call this after dropping every object that holds the group
+    (:meth:`streamcoke.train.CoKeTrainer.release_process_group` drops DistributedDataParallel's).
+    Left to interpreter shutdown, a gloo worker thread that still releases a finished
+    collective's tensors needs the GIL, which shutdown no longer hands out, and the process
+    aborts ("terminate called without an active exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # holders caught in reference cycles
+        dist.destroy_process_group()
+        gc.collect()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from streamcoke import distributed
 from streamcoke.train import CoKeTrainer, Recipe, TensorImageSource
 
 WORLD = 2
@@ -23,6 +24,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _backend_threads() -> list[str]:
+    """Names of this process's native gloo threads (Linux: /proc/self/task/*/comm)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue
+    return [n for n in names if "gloo" in n]
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -36,8 +49,18 @@ def _worker(rank, port, out_dir):
         tensors, _ = trainer.state()
         torch.save({k: v for k, v in tensors.items() if not k.startswith("rng.")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        if os.path.isdir("/proc/self/task"):
+            assert _backend_threads(), "expected gloo's threads while in the group"
+        trainer.release_process_group()
+        distributed.leave()
+        # Threads left to interpreter shutdown abort the process when they still release a
+        # collective's tensors; leaving must have stopped them.
+        if os.path.isdir("/proc/self/task"):
+            assert _backend_threads() == [], _backend_threads()
+        assert trainer.model is trainer.network
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_keep_identical_state(tmp_path):

@@ -86,6 +86,7 @@ def pretrain(args: argparse.Namespace) -> int:
     from .trainer import CoKeTrainer
 
     device = distributed.init_from_env(args.device)
+    trainer = None
     try:
         digits = not args.shards
         recipe = load_recipe(args.recipe or ("digits" if digits else "imagenet-single"))
@@ -128,8 +129,9 @@ def pretrain(args: argparse.Namespace) -> int:
         _say(f"wrote {ckpt}, {out / 'training.png'}, {out / 'cluster_sizes.png'}, {out / 'gallery.png'}")
         rank = dist.get_rank() if distributed.is_distributed() else 0
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if trainer is not None:
+            trainer.release_process_group()
+        distributed.leave()
     # After leaving the process group: the report is one process's work on the whole data set.
     if digits and rank == 0:
         _digits_report(trainer, images, targets, out)

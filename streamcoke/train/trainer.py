@@ -400,6 +400,12 @@ class CoKeTrainer:
         return written
 
     # ---------------------------------------------------------------------- checkpoints
+    def release_process_group(self) -> None:
+        """Train as one process from here on: drop the DistributedDataParallel wrapper, the
+        trainer's hold on the process group, so that :func:`streamcoke.distributed.leave` can
+        shut the group down at once. The network and every other state stay as they are."""
+        self.model = self.network
+
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Everything needed to resume exactly, as (tensors, JSON-serialisable metadata)."""
         tensors = {f"model.{k}": v for k, v in self.network.state_dict().items()}
