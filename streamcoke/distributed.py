@@ -102,9 +102,9 @@ def leave() -> None:
 
     ``destroy_process_group`` only unregisters the group; its threads stop when the last
     reference to it goes (this module imports ``torch.distributed.nn.functional`` early, whose
-    default arguments would otherwise hold it). Call this after dropping every object that holds the group
-    (:meth:`streamcoke.train.CoKeTrainer.release_process_group` drops DistributedDataParallel's).
-    Left to interpreter shutdown, a gloo worker thread that still releases a finished
+    default arguments would otherwise hold it). Call this after dropping every object that
+    holds the group (:meth:`streamcoke.train.CoKeTrainer.release_process_group` drops
+    DistributedDataParallel's). Left to interpreter shutdown, a gloo worker thread that still releases a finished
     collective's tensors needs the GIL, which shutdown no longer hands out, and the process
     aborts ("terminate called without an active exception").
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -26,8 +27,6 @@ def guess_format(path) -> str:
     >>> guess_format("emb.arrow"), guess_format(["a.feather", "b.ipc"]), guess_format("emb.parquet")
     ('ipc', 'ipc', 'parquet')
     """
-    import os
-
     files = []
     for p in (path if isinstance(path, (list, tuple)) else [path]):
         p = str(p)
