@@ -49,13 +49,13 @@ def _worker(rank, port, out_dir):
         tensors, _ = trainer.state()
         torch.save({k: v for k, v in tensors.items() if not k.startswith("rng.")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        if os.path.isdir("/proc/self/task"):
-            assert _backend_threads(), "expected gloo's threads while in the group"
+        # gloo names its threads (torch 2.13 here); where it does not, there is nothing to see.
+        named = os.path.isdir("/proc/self/task") and bool(_backend_threads())
         trainer.release_process_group()
         distributed.leave()
         # Threads left to interpreter shutdown abort the process when they still release a
         # collective's tensors; leaving must have stopped them.
-        if os.path.isdir("/proc/self/task"):
+        if named:
             assert _backend_threads() == [], _backend_threads()
         assert trainer.model is trainer.network
     finally:
