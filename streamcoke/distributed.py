@@ -111,4 +111,3 @@ def leave() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # holders caught in reference cycles
         dist.destroy_process_group()
-        gc.collect()

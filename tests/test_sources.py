@@ -401,6 +401,7 @@ def test_image_folder_shards_and_encoder(tmp_path):
 def test_input_kind_and_open_source(tmp_path, X):
     assert input_kind("a/b-{0000..0009}.tar") == "webdataset"
     assert input_kind(tmp_path) == "parquet"
+    assert [input_kind(f"x{s}") for s in (".arrow", ".feather", ".ipc")] == ["parquet"] * 3
     with pytest.raises(ValueError, match="cannot tell"):
         input_kind("x.csv")
     np.save(tmp_path / "x.npy", X)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .array_source import ArraySource
 from .batch import Batch, DataError, SkipErrors, prefetch, raise_errors
-from .parquet_source import ParquetSource
+from .parquet_source import IPC_SUFFIXES, ParquetSource
 from .webdataset_source import WebDatasetSource
 
 __all__ = ["Batch", "DataError", "SkipErrors", "raise_errors", "prefetch", "ArraySource",
@@ -39,12 +39,13 @@ def input_kind(path: str | os.PathLike) -> str:
     p = str(path)
     if p.endswith((".tar", ".tar.gz", ".tgz")) or _BRACES.search(p):
         return "webdataset"
-    if p.endswith((".parquet", ".pq", ".arrow", ".feather", "/")) or os.path.isdir(p):
+    if p.lower().endswith((".parquet", ".pq", "/") + IPC_SUFFIXES) or os.path.isdir(p):
         return "parquet"
     if p.endswith(".npy"):
         return "array"
     raise ValueError(f"cannot tell the kind of input {p!r}: expected .tar or a brace pattern "
-                     "(WebDataset), .parquet or a directory (Parquet), or .npy (array)")
+                     "(WebDataset), .parquet or a directory (Parquet), .arrow, .feather or .ipc "
+                     "(Arrow IPC), or .npy (array)")
 
 
 def open_source(inputs: Sequence[str | os.PathLike], *, batch_size: int = 1024, device="cpu", **options):
