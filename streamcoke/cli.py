@@ -141,7 +141,8 @@ def assigned_similarity(km, X, labels):
 
     n = len(X)
     centers = km.cluster_centers_
-    centers = centers if isinstance(centers, list) else [centers]
+    if not isinstance(centers, list):  # one clustering: no per-head slices to copy and stack
+        return assigned_scores(X, centers, labels.reshape(n), km.metric).unsqueeze(1)
     lab = labels.reshape(n, -1)
     return torch.stack([assigned_scores(X, C, lab[:, h], km.metric) for h, C in enumerate(centers)], dim=1)
 
