@@ -249,6 +249,8 @@ class RowPattern:
             n = min(n, count - seen)  # the last packed group is padded to eight values
             if n <= 0:
                 break
+            if not packed and value > 1:
+                raise Decline("a repetition level over 1")
             levels = unpack(buf, [runs[i]], 1, n) if packed else np.full(n, value, np.uint32)
             if i == 0 and levels[0] != 0:
                 raise Decline("a page that does not start a row")
@@ -279,8 +281,8 @@ def _run_starts(buf, pos: int, end: int) -> list[int]:
 def _values(data, pos: int, end: int, encoding: int, dtype: np.dtype, count: int,
             dictionary: np.ndarray | None) -> np.ndarray:
     if encoding == PLAIN:
-        if end - pos < count * dtype.itemsize:
-            raise Decline("fewer value bytes than values")
+        if end - pos != count * dtype.itemsize:
+            raise Decline("value bytes do not match the count")
         return np.frombuffer(data, dtype, count, pos)
     if encoding == BYTE_STREAM_SPLIT:
         if end - pos != count * dtype.itemsize:
@@ -311,8 +313,7 @@ def embedding_leaf(pf: pq.ParquetFile, column: str) -> int | None:
     if len(leaves) != 1:
         return None
     leaf = pf.schema.column(leaves[0])
-    if leaf.max_repetition_level != 1 or leaf.physical_type not in VALUE_TYPES or \
-            leaf.logical_type.type not in ("NONE", "UNKNOWN") and str(leaf.logical_type) != "None":
+    if leaf.max_repetition_level != 1 or leaf.physical_type not in VALUE_TYPES:
         return None
     return leaves[0]
 

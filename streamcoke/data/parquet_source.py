@@ -163,8 +163,10 @@ class ParquetSource:
             except (DataError, OSError, pa.ArrowException) as exc:  # the file, or the rest of it
                 if not isinstance(exc, DataError):
                     exc = DataError(f"cannot read the file: {' '.join(str(exc).split())}", source=frag.path)
-                report(self.handler, exc, n=max(_rows(frag) - self._file_rows, 0))
-            row += _rows(frag)
+                total = max(_rows(frag), self._file_rows)
+                report(self.handler, exc, n=total - self._file_rows)
+                self._file_rows = total
+            row += self._file_rows  # counting the rows of an Arrow IPC file costs a pass over it
 
     def _ids(self, rb: pa.RecordBatch, row: int) -> np.ndarray:
         # A copy: a view would keep the record batch's buffer alive for as long as the ids are
