@@ -112,10 +112,15 @@ def default_plan(gaps: Sequence[float], sizes: Sequence[int], batch_weight: floa
     """The default steps for a batch of total weight ``batch_weight`` (see the module docstring)."""
     steps, iters = [], []
     for g, k in zip(gaps, sizes):
-        eta = g * max(FLOOR_RATE, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight)) * batch_weight
+        rate = max(FLOOR_RATE, STARTUP_RATE * k / math.sqrt(n_seen + batch_weight))
+        eta = g * rate * batch_weight
         inner_cap = INNER_STEP_CAP * k * g
-        if batch_weight * min_size_ratio / k >= MIN_QUOTA_FOR_INNER and eta > inner_cap > 0:
-            n_iter = min(MAX_INNER, math.ceil(eta / inner_cap))
+        # eta / inner_cap, without the gap: the last bits of the gap change with the order of
+        # the centers (the multiply sums columns in different orders), and where the ratio is
+        # a whole number they decided how many steps a batch took.
+        ratio = rate * batch_weight / (INNER_STEP_CAP * k)
+        if batch_weight * min_size_ratio / k >= MIN_QUOTA_FOR_INNER and g > 0 and ratio > 1:
+            n_iter = min(MAX_INNER, math.ceil(ratio))
             steps.append(min(eta / n_iter, inner_cap))
             iters.append(n_iter)
         else:

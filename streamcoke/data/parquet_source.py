@@ -248,6 +248,8 @@ class ParquetSource:
             for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
                 report(self.handler, DataError("embedding is null", source=path, key=item(ids[i])))
             keep &= col.is_valid().to_numpy(zero_copy_only=False)
+            if not keep.any():  # every row null: nothing to read, and a variable list no width yet
+                return np.empty((0, d or 0), np.float32), ids[:0]
         if pa.types.is_fixed_size_list(col.type):
             values = col.flatten().to_numpy(zero_copy_only=False)  # flatten() leaves out null rows
             if col.null_count:
