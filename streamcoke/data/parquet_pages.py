@@ -359,6 +359,8 @@ def read_row_group(f: pa.NativeFile, pf: pq.ParquetFile, group: int, leaf: int, 
             X, count = _data_page(header, body, plain_size, codec, dtype, max_def, pattern, dictionary)
         except (IndexError, ValueError, pa.ArrowException) as exc:  # a page that does not parse
             raise Decline(f"a page that does not parse ({exc})") from None
+        if X is None:
+            continue
         if width is not None and X.shape[1] != width:
             raise Decline("rows of another width")
         values_seen += count
@@ -401,8 +403,8 @@ def _dictionary(h: dict, body: pa.Buffer, plain_size: int, codec: str | None, dt
 
 
 def _data_page(header: dict, body: pa.Buffer, plain_size: int, codec: str | None, dtype: np.dtype,
-               max_def: int, pattern: RowPattern, dictionary: np.ndarray | None) -> tuple[np.ndarray, int]:
-    """The rows of one data page, and its count of values."""
+               max_def: int, pattern: RowPattern, dictionary: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """The rows of one data page (None for a page of no values), and its count of values."""
     kind = header.get("type")
     if kind == DATA_PAGE and "v1" in header:
         # Levels and values are compressed together; each level section has a 4-byte length.
@@ -433,6 +435,8 @@ def _data_page(header: dict, body: pa.Buffer, plain_size: int, codec: str | None
     count = h.get("num_values", -1)
     if count < 0:
         raise Decline("a data page without a value count")
+    if count == 0:  # pyarrow writes these, between small pages
+        return None, 0
     if max_def:
         _check_definitions(levels, def_at, def_at + def_len, max_def, count)
     rows = pattern.rows(levels, rep_at, rep_at + rep_len, count)

@@ -151,20 +151,24 @@ class ParquetSource:
     def _chunks(self):
         row = 0
         for frag in self.fragments:
-            self._file_rows = 0  # rows of this file read so far (the readers count them)
             try:
                 width = self._width(frag)
                 if width is not None and self.n_features is not None and width != self.n_features:
                     raise DataError(f"embeddings have {width} values, expected {self.n_features}",
                                     source=frag.path)
-                columns = [self.feature_column] + ([self.id_column] if self.id_column else [])
+            except DataError as exc:  # the whole file
+                report(self.handler, exc, n=_rows(frag))
+                row += _rows(frag)
+                continue
+            columns = [self.feature_column] + ([self.id_column] if self.id_column else [])
+            self._file_rows = 0  # rows of this file read so far (the readers count them)
+            try:
                 yield from (self._parquet_chunks(frag, columns, row) if self.format == "parquet" else
                             self._ipc_chunks(frag, columns, row))
-            except (DataError, OSError, pa.ArrowException) as exc:  # the file, or the rest of it
-                if not isinstance(exc, DataError):
-                    exc = DataError(f"cannot read the file: {' '.join(str(exc).split())}", source=frag.path)
+            except (OSError, pa.ArrowException) as exc:  # the rest of the file
                 total = max(_rows(frag), self._file_rows)
-                report(self.handler, exc, n=total - self._file_rows)
+                report(self.handler, DataError(f"cannot read the file: {' '.join(str(exc).split())}",
+                                               source=frag.path), n=total - self._file_rows)
                 self._file_rows = total
             row += self._file_rows  # counting the rows of an Arrow IPC file costs a pass over it
 
