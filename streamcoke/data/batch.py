@@ -137,10 +137,9 @@ def prefetch(batches: Iterable, depth: int = 16) -> Iterator:
 
     Reading and decoding (pyarrow, numpy, zlib and file reads release the GIL) then overlaps
     with the clustering step. The thread works in bursts: once the queue has run down to a
-    quarter of ``depth`` it refills it, then sleeps. Woken for every batch, it took a core from
-    the step's threads at every batch, and on two cores that cost about a tenth of the rate
-    (``benchmarks/bench_streaming.py``). An error in the thread is raised in the caller at the
-    position it happened.
+    quarter of ``depth`` it refills it, then sleeps, so it is scheduled onto the cores the
+    step's threads are using a few times in ``depth`` batches rather than at every batch. An
+    error in the thread is raised in the caller at the position it happened.
 
     Examples
     --------

@@ -1,11 +1,12 @@
 """An embedding column read straight from its Parquet pages, where its layout allows.
 
 pyarrow builds a list column from its repetition and definition levels one value at a time:
-about 0.4 microseconds a row of 128 floats on one core (apache/arrow#34510), four times what
-the decompression and the copy of the same bytes cost. An embedding column is the easy case of
-that format: every row holds the same number of values and none is null. Here that is checked
-from the levels themselves, cheaply, because the level bytes of such a column are one row's
-bytes over and over; the values are then taken as they lie in the page.
+about half a microsecond a row of 128 floats on one core (apache/arrow#34510), two to three
+times what this reader takes for the same rows (``benchmarks/bench_streaming.py``, ``read
+alone``). An embedding column is the easy case of that format: every row holds the same
+number of values and none is null. Here that is checked from the levels themselves, cheaply,
+because the level bytes of such a column are one row's bytes over and over; the values are
+then taken as they lie in the page.
 
 :func:`read_row_group` reads one row group of one column this way, page by page. Whatever it
 does not take for certain (a null, a row of another length, an encoding, codec or page kind not

@@ -63,7 +63,7 @@ class ParquetSource:
         are counted as skipped), and for a row of the wrong length or with NaN or infinity.
     page_reader : bool, default=True
         Read a Parquet embedding column straight from its pages where its layout allows
-        (:mod:`streamcoke.data.parquet_pages`: rows of one length, no nulls; several times
+        (:mod:`streamcoke.data.parquet_pages`: rows of one length, no nulls; two to three times
         faster than pyarrow's list decoding), pyarrow otherwise. The batches are the same.
 
     Examples
@@ -194,7 +194,7 @@ class ParquetSource:
         """A Parquet file, row group by row group, with memory bounded by the batch, not the file.
 
         A row group is read from its pages where :mod:`.parquet_pages` takes the embedding
-        column's layout (several times faster). Otherwise, and from where that reader declined,
+        column's layout (two to three times faster). Otherwise, and from where that reader declined,
         it is read by ``ParquetFile.iter_batches`` on a buffered stream without pre-buffering:
         the dataset scanner (``Fragment.to_batches``) reads whole row groups ahead, and decoding
         a row group of a list column at once costs several times its size (values plus
