@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +30,7 @@ def run(capsys, *argv):
 
 
 def test_digits_main_job(capsys):
-    start = time.perf_counter()
     out = run(capsys)
-    assert time.perf_counter() - start < 15
     lines = out.splitlines()
     assert lines[0].startswith("clustered 1797 samples x 5 epochs into 10 clusters")
     assert lines[1].startswith("cluster sizes (last epoch): min ")
