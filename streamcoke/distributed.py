@@ -104,9 +104,9 @@ def leave() -> None:
     reference to it goes (this module imports ``torch.distributed.nn.functional`` early, whose
     default arguments would otherwise hold it). Call this after dropping every object that
     holds the group (:meth:`streamcoke.train.CoKeTrainer.release_process_group` drops
-    DistributedDataParallel's). Left to interpreter shutdown, a gloo worker thread that still releases a finished
-    collective's tensors needs the GIL, which shutdown no longer hands out, and the process
-    aborts ("terminate called without an active exception").
+    DistributedDataParallel's). Left to interpreter shutdown, a gloo worker thread that still
+    releases a finished collective's tensors needs the GIL, which shutdown no longer hands
+    out, and the process aborts ("terminate called without an active exception").
     """
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # holders caught in reference cycles

@@ -16,8 +16,8 @@ So a file reads the same either way; only the time differs.
 
 Taken: data pages v1 and v2; values PLAIN, dictionary-encoded (``RLE_DICTIONARY`` or
 ``PLAIN_DICTIONARY``) or ``BYTE_STREAM_SPLIT``, of FLOAT or DOUBLE; codecs uncompressed,
-Snappy, gzip, Brotli, Zstandard and LZ4_RAW. Layout: one leaf under the column with
-repetition level 1 (a list, of the three-level or the legacy two-level kind).
+Snappy, gzip, Brotli, Zstandard and LZ4_RAW. Layout: one leaf under the column, with
+repetition level 1 (a list).
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ def _check_definitions(buf, pos: int, end: int, max_def: int, count: int) -> Non
     width = max_def.bit_length()
     runs = hybrid_runs(buf, pos, end, width)
     if all(not p and v == max_def for p, _, v in runs):
-        if sum(n for _, n, _ in runs) < count:
-            raise Decline("fewer definition levels than values")
+        if sum(n for _, n, _ in runs) != count:  # repeated runs hold no padding
+            raise Decline("a count of definition levels other than the values'")
         return
     if not (unpack(buf, runs, width, count) == max_def).all():
         raise Decline("nulls or empty lists")

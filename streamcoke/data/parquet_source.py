@@ -170,7 +170,7 @@ class ParquetSource:
                 report(self.handler, DataError(f"cannot read the file: {' '.join(str(exc).split())}",
                                                source=frag.path), n=total - self._file_rows)
                 self._file_rows = total
-            row += self._file_rows  # counting the rows of an Arrow IPC file costs a pass over it
+            row += self._file_rows  # counting an Arrow IPC file's rows reads its record batches again
 
     def _ids(self, rb: pa.RecordBatch, row: int) -> np.ndarray:
         # A copy: a view would keep the record batch's buffer alive for as long as the ids are
@@ -225,7 +225,12 @@ class ParquetSource:
                                 yield rows, X
                         continue
                     except parquet_pages.Decline:
-                        pass  # pyarrow reads the rest of the row group (and names any error)
+                        # pyarrow reads the rest of the row group (and names any error). A
+                        # row group declined at its first page is declined for its layout
+                        # (narrow rows, an encoding or codec not taken) more often than for
+                        # its data: the rest of the file goes to pyarrow, not read twice.
+                        if done == 0:
+                            leaf = None
                 for rb in f.iter_batches(batch_size=self.batch_size, row_groups=[g], columns=columns,
                                          use_threads=False):
                     if done >= rb.num_rows:
