@@ -126,27 +126,6 @@ def _open(args, device, handler):
     return source, None
 
 
-def assigned_similarity(km, X, labels):
-    """Similarity of each row of ``X`` to its assigned center, per clustering, shape
-    (n, n_clusterings): ``<x, c>`` on normalised rows for the cosine metric, ``-||x - c||^2``
-    for the Euclidean one.
-
-    The centers are those after the step that assigned ``X`` (``cluster_centers_``), so the
-    batch's own rows already count in them; this is the value a later ``transform`` gives (to
-    float32 rounding).
-    """
-    import torch
-
-    from .core.similarity import assigned_scores
-
-    n = len(X)
-    centers = km.cluster_centers_
-    if not isinstance(centers, list):  # one clustering: no per-head slices to copy and stack
-        return assigned_scores(X, centers, labels.reshape(n), km.metric).unsqueeze(1)
-    lab = labels.reshape(n, -1)
-    return torch.stack([assigned_scores(X, C, lab[:, h], km.metric) for h, C in enumerate(centers)], dim=1)
-
-
 def _shares(km) -> tuple[float, float]:
     """Smallest and largest cluster of the current epoch, as multiples of the even share."""
     sizes = km.cluster_sizes_
@@ -231,7 +210,7 @@ def cluster(args: argparse.Namespace) -> int:
     def open_sink(parts):
         return ParquetLabelSink(args.out, len(Ks), resume_parts=parts, metadata={
             "n_clusters": list(Ks), "min_size_ratio": args.min_size_ratio, "metric": args.metric,
-            "centers": "after the step that assigned the batch"})
+            "similarity": "to the assigned center as it stood when the batch was assigned"})
 
     try:
         n_epoch = len(source)
@@ -262,7 +241,7 @@ def cluster(args: argparse.Namespace) -> int:
                 if steady is None:  # the first step seeds the centers: a one-off, timed apart
                     steady = (time.perf_counter(), n_total + len(X))
                 if sink is not None:
-                    sink.write(ids, labels, assigned_similarity(km, X, labels), epoch)
+                    sink.write(ids, labels, km.assigned_similarity_, epoch)
                 if y_pred is not None:
                     y_pred[np.asarray(ids)] = labels.reshape(len(X), -1).cpu().numpy()
                 step += 1

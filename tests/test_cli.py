@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from streamcoke import MultiOnlineConstrainedKMeans, OnlineConstrainedKMeans
 from streamcoke.cli import main
@@ -46,11 +45,21 @@ def test_parquet_labels_and_similarity(capsys, data, tmp_path):
     assert t["id"] == list(range(3000)) and set(t["epoch"]) == {1}
     km = OnlineConstrainedKMeans.load(tmp_path / "m.st")
     assert km.n_samples_seen_ == 6000 and not (tmp_path / "l.parquet.ckpt").exists()
-    # The last batch was scored against the centers after its own step: the final centers.
-    last = slice(3000 - 3000 % 128, 3000)
-    S = km.transform(torch.from_numpy(X[last]))
-    expect = S[torch.arange(S.shape[0]), torch.tensor(t["label"][last])]
-    np.testing.assert_allclose(t["similarity"][last], expect.numpy(), atol=1e-5)
+    # Each batch is scored against the centers that assigned it: replaying the run batch by
+    # batch, every row's similarity is the transform of the centers as they were before its step.
+    replay = OnlineConstrainedKMeans(12, random_state=0)
+    batches = [X[s:s + 128] for s in range(0, 3000, 128)]
+    for b in batches:
+        replay.partial_fit(b)
+    replay.end_epoch()
+    labels, sims = [], []
+    for b in batches:
+        C = replay.cluster_centers_
+        replay.partial_fit(b)
+        labels.append(replay.labels_)
+        sims.append((b / np.linalg.norm(b, axis=1, keepdims=True) @ C.T)[np.arange(len(b)), replay.labels_])
+    assert t["label"] == np.concatenate(labels).tolist()
+    np.testing.assert_allclose(t["similarity"], np.concatenate(sims), atol=1e-5)
 
 
 def test_npy_parquet_and_block_shards_give_the_same_labels(capsys, data, tmp_path):

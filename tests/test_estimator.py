@@ -53,6 +53,43 @@ def test_torch_in_torch_out(stream):
     assert isinstance(km.cluster_centers_, torch.Tensor)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("center_update", ["mean", "ema"])
+def test_assigned_similarity_is_the_score_against_the_centers_before_the_step(stream, metric, center_update):
+    X, _ = stream
+    km = OnlineConstrainedKMeans(10, metric=metric, center_update=center_update, random_state=0)
+    km.partial_fit(X[:500])
+    assert km.assigned_similarity_.shape == (500,) and km.assigned_similarity_.dtype == np.float32
+    before = OnlineConstrainedKMeans(10, metric=metric, init=km.cluster_centers_, center_update="none")
+    before.partial_fit(X[:500])  # only to fit; transform uses the given centers
+    km.partial_fit(X[500:1300])
+    S = before.transform(X[500:1300])
+    if metric == "euclidean":
+        S = -S ** 2  # transform gives distances; the similarity is minus the squared distance
+    expect = S[np.arange(800), km.labels_]
+    np.testing.assert_allclose(km.assigned_similarity_, expect, rtol=1e-5, atol=1e-4)
+    # the step moved the centers, so today's transform gives other values
+    moved = km.transform(X[500:1300])[np.arange(800), km.labels_]
+    assert not np.allclose(km.assigned_similarity_, -moved ** 2 if metric == "euclidean" else moved, atol=1e-4)
+    # fit keeps one value per row of the last pass, in the order of X
+    fitted = OnlineConstrainedKMeans(10, metric=metric, n_epochs=2, random_state=0).fit(X)
+    assert fitted.assigned_similarity_.shape == (len(X),) and np.isfinite(fitted.assigned_similarity_).all()
+
+
+def test_assigned_similarity_per_clustering_and_after_loading(stream, tmp_path):
+    X, _ = stream
+    m = MultiOnlineConstrainedKMeans((3, 5), random_state=0).partial_fit(torch.from_numpy(X[:500]))
+    assert isinstance(m.assigned_similarity_, torch.Tensor) and m.assigned_similarity_.shape == (500, 2)
+    for h, k in enumerate((3, 5)):
+        single = OnlineConstrainedKMeans(k, init=m.published_centers_[h], center_update="none")
+        S = single.partial_fit(X[:500]).transform(X[:500])
+        assert torch.allclose(m.assigned_similarity_[:, h], torch.from_numpy(S[np.arange(500), m.labels_[:, h].numpy()]),
+                              atol=1e-5)
+    m.save(tmp_path / "m.st")
+    assert torch.equal(MultiOnlineConstrainedKMeans.load(tmp_path / "m.st").assigned_similarity_,
+                       m.assigned_similarity_)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_precision_inputs_are_accepted(stream, dtype):
     X, _ = stream

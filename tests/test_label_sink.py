@@ -35,6 +35,26 @@ def test_rows_row_groups_and_publish_at_close(tmp_path):
     ids, labels, sim = batch(0, 350)
     assert t["id"] == ids.tolist() and t["label"] == labels[:, 0].tolist() and set(t["epoch"]) == {2}
     np.testing.assert_allclose(t["similarity"], sim[:, 0])
+    assert "DELTA_BINARY_PACKED" in f.metadata.row_group(0).column(0).encodings  # integer ids as deltas
+
+
+def test_counting_ids_take_about_a_byte(tmp_path):
+    path = tmp_path / "labels.parquet"
+    rng = np.random.default_rng(0)
+    with ParquetLabelSink(path) as sink:
+        for s in range(0, 655_360, 8192):
+            sink.write(np.arange(s, s + 8192), rng.integers(0, 1000, 8192), rng.random(8192).astype(np.float32), 0)
+    per_row = path.stat().st_size / 655_360
+    assert 5.0 < per_row < 5.6  # ids ~1 byte, labels ~1.3 (10-bit dictionary codes), similarity 4 (~9.4 plain)
+
+
+def test_string_ids_are_written_plain(tmp_path):
+    path = tmp_path / "labels.parquet"
+    with ParquetLabelSink(path, row_group_size=2) as sink:
+        sink.write(["a", "b", "c"], np.array([3, 1, 2]), np.array([0.9, 0.5, 0.1]), epoch=0)
+    f = pq.ParquetFile(path)
+    assert f.read().column("id").to_pylist() == ["a", "b", "c"]
+    assert "DELTA_BINARY_PACKED" not in f.metadata.row_group(0).column(0).encodings
 
 
 def test_several_clusterings_and_tensors(tmp_path):

@@ -68,7 +68,8 @@ def test_two_gloo_ranks_keep_identical_state(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0.keys() == r1.keys()
-    differing = [k for k in r0 if k != "cluster.labels" and not torch.equal(r0[k], r1[k])]
+    per_row = ("cluster.labels", "cluster.assigned_similarity")  # the last batch's own rows of each rank
+    differing = [k for k in r0 if k not in per_row and not torch.equal(r0[k], r1[k])]
     assert differing == []
     # every rank's memory holds every sample's label, written from both ranks' rows
     assert (r0["memory.labels"][(3 - 1) % 2] >= 0).all()

@@ -21,13 +21,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
-from ..core.assign import assign, biased_argmax, flat_labels, label_counts
+from ..core.assign import assign, biased_argmax, flat_labels, head_offsets, label_counts
 from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update
 from ..core.certificate import batch_terms
 from ..core.duals import dual_step, repeated_dual_steps
 from ..core.init import initial_centers
 from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
-from ..core.similarity import prepare, products, score_terms, scores
+from ..core.similarity import label_scores, prepare, products, score_terms, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -155,8 +155,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             Xp = prepare(Xt, self.metric)
             if first:
                 self._initialize(Xp, w, random_state=check_random_state(self.random_state))
-            labels = self._step(Xp, w)
+            labels, similarity = self._step(Xp, w)
             self.labels_ = self._labels_out(labels, kind)
+            self.assigned_similarity_ = self._labels_out(similarity, kind)
         return self
 
     def fit(self, X, y=None, sample_weight=None):
@@ -183,17 +184,19 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             seed_idx = torch.as_tensor(np.sort(rng.choice(n, n_seed, replace=False)), device=Xp.device)
             self._initialize(Xp[seed_idx], None if w is None else w[seed_idx], random_state=rng)
             labels = torch.empty((n, len(self._head_sizes())), dtype=torch.int64, device=Xp.device)
+            similarity = torch.empty(labels.shape, dtype=torch.float32, device=Xp.device)
             batch = min(self.batch_size, n)
             progress = _progress(self.n_epochs * ((n + batch - 1) // batch), self.verbose, type(self).__name__)
             for _ in range(self.n_epochs):
                 order = torch.as_tensor(rng.permutation(n) if self.shuffle else np.arange(n), device=Xp.device)
                 for start in range(0, n, batch):
                     idx = order[start:start + batch]
-                    labels[idx] = self._step(Xp[idx], None if w is None else w[idx])
+                    labels[idx], similarity[idx] = self._step(Xp[idx], None if w is None else w[idx])
                     progress.update(1)
                 self.end_epoch()
             progress.close()
             self.labels_ = self._labels_out(labels, kind)
+            self.assigned_similarity_ = self._labels_out(similarity, kind)
         return self
 
     def end_epoch(self):
@@ -334,8 +337,9 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         state.pop("_bounds_cache", None)
         return state
 
-    def _step(self, Xp: Tensor, w: Tensor | None) -> Tensor:
-        """Assign one prepared batch and fold it into the state; returns (n, n_heads) labels."""
+    def _step(self, Xp: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Assign one prepared batch and fold it into the state; returns the (n, n_heads)
+        labels and each row's similarity to its center as the step found it."""
         s = self._state
         sizes = self._head_sizes()
         H, dev, n = len(sizes), Xp.device, Xp.shape[0]
@@ -401,6 +405,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
                                       for k, st, m in zip(sizes, plan.step, plan.n_iter)])
                 rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
 
+        similarity = label_scores(Z, labels, head_offsets(sizes), s["centers"], Xp, self.metric)
         # Certificate terms: objective, row maxima and the streaming-bound slack, per head.
         terms = batch_terms(best, Xp, self.metric, w, local_counts, bias_used, s["reference_net"], sizes)
         cert = terms[:2 * H]
@@ -429,7 +434,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         }
         self.n_samples_seen_ += n_rows
         self.n_steps_ += 1
-        return labels
+        return labels, similarity
 
     # ------------------------------------------------------------------------- attributes
     def _labels_out(self, labels: Tensor, kind: InputKind):
@@ -563,9 +568,10 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         }
         tensors = {f"state.{k}": self._state[k] for k in STATE_KEYS}
         tensors.update(init_tensors)
-        labels = getattr(self, "labels_", None)
-        if labels is not None:
-            tensors["labels"] = torch.as_tensor(labels) if not isinstance(labels, Tensor) else labels
+        for name, key in (("labels_", "labels"), ("assigned_similarity_", "assigned_similarity")):
+            value = getattr(self, name, None)
+            if value is not None:
+                tensors[key] = value if isinstance(value, Tensor) else torch.as_tensor(value)
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict[str, Any]):
@@ -604,9 +610,12 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             self._state = new_state
             for k in COUNTER_KEYS:
                 setattr(self, k, int(counters[k]))
-            if "labels" in tensors:
-                kind = InputKind(meta.get("output") == "torch", device)
-                self.labels_ = kind.out(tensors["labels"].to(device))
+            kind = InputKind(meta.get("output") == "torch", device)
+            for name, key in (("labels_", "labels"), ("assigned_similarity_", "assigned_similarity")):
+                if key in tensors:
+                    setattr(self, name, kind.out(tensors[key].to(device)))
+                else:
+                    self.__dict__.pop(name, None)
         return self
 
     def save(self, path: str | os.PathLike) -> None:

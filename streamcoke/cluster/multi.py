@@ -15,8 +15,8 @@ class MultiOnlineConstrainedKMeans(BaseOnlineConstrainedKMeans):
 
     The centers of all clusterings are stacked into one matrix, so a batch costs a single
     matrix multiply; each clustering keeps its own duals, centers, sizes and labels. Results
-    come per clustering: ``labels_`` and :meth:`predict` have one column per clustering,
-    ``cluster_centers_`` and the other per-cluster attributes are lists.
+    come per clustering: ``labels_``, ``assigned_similarity_`` and :meth:`predict` have one
+    column per clustering, ``cluster_centers_`` and the other per-cluster attributes are lists.
 
     Parameters
     ----------

@@ -73,6 +73,10 @@ class OnlineConstrainedKMeans(BaseOnlineConstrainedKMeans):
         The maximum-size duals ``mu``.
     labels_ : array or tensor
         Constrained labels of the last batch (``partial_fit``) or of the last epoch (``fit``).
+    assigned_similarity_ : array or tensor, float32, shaped as ``labels_``
+        Each of those samples' similarity to its assigned center (cosine similarity, or minus
+        the squared Euclidean distance) as the center stood when the sample was assigned,
+        before the step moved it: the score the assignment used, without the duals.
     cluster_sizes_, last_epoch_cluster_sizes_ : array or tensor of shape (n_clusters,)
         Samples assigned to each cluster in the current and in the last completed epoch.
     epoch_objective_, epoch_dual_bound_, duality_gap_ : float

@@ -8,6 +8,8 @@ Two metrics are supported:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -78,6 +80,22 @@ def assigned_scores(X: Tensor, centers: Tensor, labels: Tensor, metric: str) -> 
     if metric == "cosine":
         return (normalize_rows(X) * c).sum(1)
     return (X - c).square().sum(1).neg()
+
+
+def label_scores(Z: Tensor, labels: Tensor, offsets: Sequence[int], centers: Tensor, X: Tensor,
+                 metric: str) -> Tensor:
+    """Similarity of each sample to the center its label names, per head, shape (n, n_heads),
+    read from the raw product ``Z = X @ centers.T`` that assigned it: a gather, not a second
+    pass over ``X`` and the centers. ``labels`` (n, n_heads) are counted within each head,
+    ``offsets`` are the heads' first rows in ``centers`` and ``X`` is prepared. The values
+    are those of :func:`scores` at the labels, in the same operation order.
+    """
+    idx = labels if len(offsets) == 1 else labels + torch.as_tensor(offsets, device=labels.device)
+    z = Z.gather(1, idx)
+    if metric == "cosine":
+        return z
+    sq_c = (centers * centers).sum(dim=1)[idx]
+    return z.mul_(2.0).sub_(sq_c).sub_((X * X).sum(dim=1, keepdim=True))
 
 
 def score_terms(centers: Tensor, bias: Tensor, metric: str) -> tuple[float, Tensor]:
