@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_streaming.py", ["--rows", "3000", "--repeats", "1"]),
     ("bench_trainer.py", ["--quick"]),
     ("bench_dual_cap.py", ["--quick"]),
+    ("bench_catch_up.py", ["--quick"]),
 ])
 def test_benchmark_script_runs(tmp_path, script, args):
     if script != "bench_partial_fit.py":

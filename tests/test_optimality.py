@@ -71,19 +71,14 @@ def test_default_schedule_reaches_the_optimum(n_clusters, n_samples, batch_size)
         reason="measured 98.6% of the optimum (shortfall 0%): at K=10 with a near-exact balance "
                "and small batches the dual jitter costs slightly more than 1%", strict=False)),
     pytest.param(10, 100_000, 1.0, 64, marks=pytest.mark.xfail(
-        reason="measured 98.5% of the optimum (shortfall 0.25%), same cause", strict=False)),
+        reason="measured 98.7% of the optimum (shortfall 0.17%), same cause", strict=False)),
     (10, 100_000, 0.8, 256), (10, 100_000, 0.8, 1024), (10, 100_000, 1.0, 32), (10, 100_000, 1.0, 256),
     (100, 100_000, 0.8, 32), (100, 100_000, 0.8, 256), (100, 100_000, 0.8, 1024),
     (10, 410_000, 0.4, 4096), (100, 410_000, 0.4, 4096),
     (1000, 200_000, 0.4, 32), (1000, 200_000, 0.4, 256), (1000, 200_000, 0.4, 1024),
-    # Two to three quotas a batch, where the single-step cap binds (see the schedule's docstring).
-    pytest.param(50, 50_000, 0.4, 256, marks=pytest.mark.xfail(
-        reason="measured 99.9% of the optimum with 1.06% shortfall: the single-step cap binds", strict=False)),
-    pytest.param(100, 100_000, 0.4, 512, marks=pytest.mark.xfail(
-        reason="measured 99.96% of the optimum with 1.20% shortfall: the single-step cap binds", strict=False)),
-    (200, 200_000, 0.4, 1024),
-    pytest.param(300, 200_000, 0.4, 2048, marks=pytest.mark.xfail(
-        reason="measured 99.99% of the optimum with 1.27% shortfall: the single-step cap binds", strict=False)),
+    # Two to three quotas a batch, where the single-step cap binds (see the schedule's docstring):
+    # the ascent alone left 0.9% to 1.3% shortfall here; the catch-up bids bring it to 0.5% to 0.9%.
+    (50, 50_000, 0.4, 256), (100, 100_000, 0.4, 512), (200, 200_000, 0.4, 1024), (300, 200_000, 0.4, 2048),
 ])
 def test_default_schedule_reaches_the_optimum_full_grid(n_clusters, n_samples, gamma, batch_size):
     _check(n_clusters, n_samples, gamma, batch_size)

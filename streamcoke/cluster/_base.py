@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from .. import distributed
+from ..core import catch_up
 from ..core.assign import assign, biased_argmax, flat_labels, head_offsets, label_counts
 from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update
 from ..core.certificate import batch_terms
@@ -373,6 +374,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
             gap = [max(update_gap(None if self.n_steps_ == 0 else g0, g1, batch_weight), f, 1e-30)
                    for g0, g1, f in zip(previous, batch_gap, floor)]
             plan = default_plan(gap, sizes, batch_weight, float(self.n_samples_seen_), float(self.min_size_ratio))
+            gap_values = gap
             gap = torch.from_numpy(np.array(gap, dtype=np.float64)).to(dev)
         else:
             plan = constant_plan(float(self.dual_lr), sizes, batch_weight)
@@ -405,11 +407,15 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
                                       for k, st, m in zip(sizes, plan.step, plan.n_iter)])
                 rho, mu = dual_step(rho, mu, (counts / batch_weight).float(), lower, upper, step)
 
+        epoch_counts = s["epoch_counts"] + counts
+        if use_default and float(self.min_size_ratio) > 0:
+            rho = self._catch_up(Z, alpha, bias_used, best, rho, mu, lower, gap_values, epoch_counts,
+                                 float(s["epoch_weight"]) + batch_weight, batch_weight, n_rows)
+
         similarity = label_scores(Z, labels, head_offsets(sizes), s["centers"], Xp, self.metric)
         # Certificate terms: objective, row maxima and the streaming-bound slack, per head.
         terms = batch_terms(best, Xp, self.metric, w, local_counts, bias_used, s["reference_net"], sizes)
         cert = terms[:2 * H]
-        epoch_counts = s["epoch_counts"] + counts
         if self.center_update == "none":
             cert, = distributed.all_reduce_sum(cert)
             new = {}
@@ -435,6 +441,36 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         self.n_samples_seen_ += n_rows
         self.n_steps_ += 1
         return labels, similarity
+
+    def _catch_up(self, Z: Tensor, alpha: float, bias_used: Tensor, best: Tensor, rho: Tensor, mu: Tensor,
+                  lower: Tensor, gaps: list[float], epoch_counts: Tensor, epoch_weight: float,
+                  batch_weight: float, n_rows: int) -> Tensor:
+        """``rho`` after the catch-up bids of the clusters far below their minimum
+        (:mod:`streamcoke.core.catch_up`). With several ranks each contributes the smallest
+        margins of its own rows, so every rank finds the levels of the global batch."""
+        columns = catch_up.behind(lower, epoch_counts, epoch_weight, batch_weight)
+        if columns.numel() == 0:
+            return rho
+        sizes = self._head_sizes()
+        quotas = [catch_up.quota_rows(float(self.min_size_ratio), k, n_rows) for k in sizes]
+        q_max = max(quotas)
+        if len(sizes) == 1:
+            heads, best_rows, min_levels = None, best, catch_up.LEVEL * gaps[0]
+        else:
+            heads = torch.bucketize(columns, torch.tensor(head_offsets(sizes)[1:], device=columns.device),
+                                    right=True)
+            best_rows = best.index_select(1, heads)
+            min_levels = catch_up.LEVEL * torch.tensor(gaps, device=rho.device)[heads]
+        terms = score_terms(self._state["centers"], bias_used, self.metric)[1]
+        margins = catch_up.smallest_margins(Z, alpha, terms, best_rows, columns, q_max)
+        if distributed.is_distributed():
+            margins = distributed.all_gather_rows(margins).topk(q_max, dim=0, largest=False).values
+        if heads is None:
+            levels = margins[quotas[0] - 1]
+        else:
+            q = torch.tensor(quotas, device=columns.device)[heads]
+            levels = margins.gather(0, (q - 1).unsqueeze(0))[0]
+        return catch_up.raised_duals(rho, mu, bias_used, columns, levels, min_levels)
 
     # ------------------------------------------------------------------------- attributes
     def _labels_out(self, labels: Tensor, kind: InputKind):

@@ -45,7 +45,10 @@ class OnlineConstrainedKMeans(BaseOnlineConstrainedKMeans):
         With ``center_update="ema"``: ``center <- m * center + (1 - m) * batch mean``.
     dual_lr : float >= 0 or None, default=None
         Step size of the dual ascent per sample of a batch (a batch of ``b`` samples moves the
-        duals by ``dual_lr * b * (share deficit)``). None uses the library's default schedule.
+        duals by ``dual_lr * b * (share deficit)``): CoKe's plain projected ascent. None uses
+        the library's default schedule (:mod:`streamcoke.core.schedule`), which measures its
+        steps in the stream's own score gaps and lets a cluster far below its minimum bid for
+        rows (:mod:`streamcoke.core.catch_up`).
     init : {"k-means++", "random"} or array of shape (n_clusters, n_features), default="k-means++"
         How the first batch seeds the centers.
     batch_size : int, default=1024
