@@ -54,14 +54,21 @@ def test_quota_rows():
     assert catch_up.quota_rows(1.0, 1, 7) == 7  # never more than the batch
 
 
-def test_who_bids():
+def test_who_bids(monkeypatch):
     lower = torch.full((4,), 0.1)  # a minimum of 10 of every 100
     epoch_weight, batch_weight = 1000.0, 100.0  # share 100 so far, quota 10 a batch
     counts = torch.tensor([100.0, 85.0, 79.0, 0.0], dtype=torch.float64)
     # 85: behind by 15 < 2 quotas; 79: behind by 21 > 20 and below 90% of its share
-    assert catch_up.behind(lower, counts, epoch_weight, batch_weight).tolist() == [2, 3]
+    assert catch_up.behind(lower, counts, epoch_weight, batch_weight, 100).tolist() == [2, 3]
     counts[2] = 91.0  # within 90% of its share: left to the ascent
-    assert catch_up.behind(lower, counts, epoch_weight, batch_weight).tolist() == [3]
+    assert catch_up.behind(lower, counts, epoch_weight, batch_weight, 100).tolist() == [3]
+    # A quota of a small fraction of a row: two quotas behind is not enough, two rows is.
+    tiny = torch.full((4,), 0.001)  # share 1.0 so far, quota 0.1 a batch
+    assert catch_up.behind(tiny, torch.zeros(4, dtype=torch.float64), 1000.0, 100.0, 100).numel() == 0
+    assert catch_up.behind(tiny, torch.zeros(4, dtype=torch.float64), 3000.0, 100.0, 100).tolist() == [0, 1, 2, 3]
+    monkeypatch.setattr(catch_up, "MAX_BIDDERS", 2)  # the two furthest behind, in index order
+    counts = torch.tensor([2.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    assert catch_up.behind(tiny, counts, 10000.0, 100.0, 100).tolist() == [1, 3]
 
 
 def test_bids_only_raise_and_only_above_the_level_threshold():

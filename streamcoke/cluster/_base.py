@@ -448,7 +448,7 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         """``rho`` after the catch-up bids of the clusters far below their minimum
         (:mod:`streamcoke.core.catch_up`). With several ranks each contributes the smallest
         margins of its own rows, so every rank finds the levels of the global batch."""
-        columns = catch_up.behind(lower, epoch_counts, epoch_weight, batch_weight)
+        columns = catch_up.behind(lower, epoch_counts, epoch_weight, batch_weight, n_rows)
         if columns.numel() == 0:
             return rho
         sizes = self._head_sizes()

@@ -9,7 +9,7 @@ epochs while the cluster stays below its minimum the whole time.
 
 So, after a batch's ascent step, a cluster that is *behind* also bids: one that has received
 less than ``SHARE`` of its minimum share of the epoch so far, and at least ``BEHIND`` batch
-quotas less. The bid is read off the scores the batch was assigned with: the ``q``-th smallest
+quotas and ``MIN_ROWS`` rows less (at most ``MAX_BIDDERS`` a batch, the furthest behind). The bid is read off the scores the batch was assigned with: the ``q``-th smallest
 margin ``best_i - (s_ik + rho_k - mu_k)`` over the batch's rows (``best_i`` the row's winning
 biased score, ``q`` the cluster's quota of the batch rounded up) is how far its net dual would
 have had to rise to win ``q`` of them, the price it would pay in an auction (Bertsekas's auction
@@ -37,16 +37,22 @@ SHARE = 0.9  # a cluster bids while it holds less than this part of its prorated
 BEHIND = 2.0  # ... and is behind it by more than this many quotas of the batch
 LEVEL = 5.0  # bids below this many score gaps are left to the ascent
 THETA = 0.5  # part of the way to the winning level a bid goes
+MIN_ROWS = 2.0  # nor while it is behind by fewer rows than this (a quota can be a small fraction of a row)
+MAX_BIDDERS = 128  # bidders a batch at most, which bounds the cost of a batch's bids
 
 
-def behind(lower: Tensor, epoch_counts: Tensor, epoch_weight: float, batch_weight: float) -> Tensor:
+def behind(lower: Tensor, epoch_counts: Tensor, epoch_weight: float, batch_weight: float, n_rows: int) -> Tensor:
     """Stacked indices of the centers that bid after this batch: below ``SHARE`` of their minimum
-    share of the epoch so far and behind it by more than ``BEHIND`` quotas of the batch.
-    ``epoch_counts`` and ``epoch_weight`` include the batch."""
-    # Both conditions in one compare: counts < lower * (weight - BEHIND * batch) and
-    # counts < lower * SHARE * weight (this runs at every batch).
-    threshold = min(epoch_weight - BEHIND * batch_weight, SHARE * epoch_weight)
-    return torch.nonzero(epoch_counts < lower * threshold).flatten()
+    share of the epoch so far, and behind it by more than ``BEHIND`` quotas of the batch and
+    more than ``MIN_ROWS`` rows' weight. ``epoch_counts`` and ``epoch_weight`` include the
+    batch. At most ``MAX_BIDDERS``, the furthest behind for their share, in index order."""
+    share = lower * epoch_weight
+    slack = torch.clamp(lower * (BEHIND * batch_weight), min=MIN_ROWS * batch_weight / n_rows)
+    columns = torch.nonzero(epoch_counts < torch.minimum(share - slack, share * SHARE)).flatten()
+    if columns.numel() > MAX_BIDDERS:
+        held = epoch_counts.index_select(0, columns) / share.index_select(0, columns)
+        columns = columns[torch.sort(held, stable=True).indices[:MAX_BIDDERS]].sort().values
+    return columns
 
 
 def quota_rows(min_size_ratio: float, n_clusters: int, n_rows: int) -> int:
