@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_json  # noqa: E402
+from common import machine, save_result, table  # noqa: E402
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.cli import main as streamcoke  # noqa: E402
@@ -127,11 +126,9 @@ def main(argv=None) -> dict:
     print(table(fixed_rows, list(fixed_rows[0])))
     result = {"config": {"quick": args.quick, "epochs": args.epochs, "batch_sizes": args.batch_sizes},
               "machine": machine(), "moving": moving_rows, "fixed": fixed_rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    elif not args.quick:
-        print("wrote", write_json("catch_up", result))
+    path = save_result(result, args.out, "catch_up", args.quick)
+    if path is not None:
+        print("wrote", path)
     return result
 
 

@@ -16,7 +16,6 @@ Prints a Markdown table; writes benchmarks/results/dual_cap.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_json  # noqa: E402
+from common import machine, save_result, table  # noqa: E402
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.core import schedule  # noqa: E402
@@ -71,11 +70,9 @@ def main(argv=None) -> dict:
     print("streamcoke default schedule, fixed centers, one pass; objective / shortfall")
     print(table(rows, ["K", "b", "N", "quotas a batch"] + [f"cap {c:g}" for c in args.caps]))
     result = {"config": {"caps": args.caps, "quick": args.quick, "gamma": GAMMA}, "machine": machine(), "rows": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    elif not args.quick:
-        print("wrote", write_json("dual_cap", result))
+    path = save_result(result, args.out, "dual_cap", args.quick)
+    if path is not None:
+        print("wrote", path)
     return result
 
 

@@ -176,6 +176,14 @@ def write_json_to(folder: Path, name: str, payload: dict) -> Path:
     return path
 
 
+def save_result(payload: dict, out: Path | None, name: str, quick: bool) -> Path | None:
+    """A dedicated benchmark's JSON: to ``out`` when given, else to ``results/NAME.json``
+    unless it was a ``--quick`` run (which must not replace a real one); written atomically."""
+    if out is not None:
+        return write_json_to(Path(out).parent, Path(out).stem, payload)
+    return None if quick else write_json_to(RESULTS, name, payload)
+
+
 def _jsonable(v):
     if hasattr(v, "item"):
         return v.item()
