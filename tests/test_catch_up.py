@@ -89,18 +89,19 @@ def test_bids_only_raise_and_only_above_the_level_threshold():
     assert torch.equal(levels, torch.tensor([2.0, 1.0, 0.02]))
 
 
-def _smallest_each_epoch(X, n_clusters, batch_size, epochs, model=None):
-    km = model or OnlineConstrainedKMeans(n_clusters, min_size_ratio=0.4, random_state=0)
+def _smallest_each_epoch(X, batch_size, epochs, model):
+    """Per epoch, each clustering's smallest cluster as a share of its minimum."""
     g = torch.Generator().manual_seed(0)
-    smallest = []
+    shares = []
     for _ in range(epochs):
         perm = torch.randperm(len(X), generator=g)
         for s in range(0, len(X), batch_size):
-            km.partial_fit(X[perm[s:s + batch_size]])
-        sizes = km.cluster_sizes_
-        smallest.append(min(float(np.min(np.asarray(s))) for s in (sizes if isinstance(sizes, list) else [sizes])))
-        km.end_epoch()
-    return smallest
+            model.partial_fit(X[perm[s:s + batch_size]])
+        sizes = model.cluster_sizes_
+        sizes = sizes if isinstance(sizes, list) else [sizes]
+        shares.append([float(np.min(np.asarray(s))) / (0.4 * len(X) / len(s)) for s in sizes])
+        model.end_epoch()
+    return shares
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +111,22 @@ def long_tail():
 
 
 def test_running_mean_centers_reach_their_minimum_with_the_bids(long_tail, monkeypatch):
-    minimum = 0.4 * len(long_tail) / 200
-    with_bids = _smallest_each_epoch(long_tail, 200, 256, 4)
+    def run():
+        return _smallest_each_epoch(long_tail, 256, 4, OnlineConstrainedKMeans(200, min_size_ratio=0.4,
+                                                                                 random_state=0))
+    with_bids = run()
     monkeypatch.setattr(catch_up, "SHARE", 0.0)  # nobody bids: the ascent alone
-    without = _smallest_each_epoch(long_tail, 200, 256, 4)
-    assert min(without) < 0.6 * minimum  # the stream does starve clusters under the ascent alone
-    assert min(with_bids) >= 0.95 * minimum, with_bids
+    without = run()
+    assert min(min(e) for e in without) < 0.6  # the stream does starve clusters under the ascent alone
+    assert min(min(e) for e in with_bids) >= 0.95, with_bids
 
 
-def test_bids_in_every_head_of_a_multi_clustering(long_tail):
-    model = MultiOnlineConstrainedKMeans((100, 200), min_size_ratio=0.4, random_state=0)
-    smallest = _smallest_each_epoch(long_tail, None, 256, 3, model)
-    assert smallest[-1] >= 0.9 * 0.4 * len(long_tail) / 200, smallest
+def test_bids_in_every_head_of_a_multi_clustering(long_tail, monkeypatch):
+    def run():
+        return _smallest_each_epoch(long_tail, 256, 3, MultiOnlineConstrainedKMeans((100, 200), min_size_ratio=0.4,
+                                                                                      random_state=0))
+    with_bids = run()
+    monkeypatch.setattr(catch_up, "SHARE", 0.0)
+    without = run()
+    assert min(without[-1]) < 0.6  # the K = 200 head starves under the ascent alone
+    assert all(share >= 0.95 for share in with_bids[-1]), with_bids
