@@ -53,6 +53,27 @@ def test_torch_in_torch_out(stream):
     assert isinstance(km.cluster_centers_, torch.Tensor)
 
 
+
+def test_numpy_batches_of_any_layout_match_torch_batches(stream, tmp_path):
+    # After the first batch, plain float arrays skip scikit-learn's validation; float64,
+    # read-only, Fortran-ordered and memory-mapped batches must still give the same steps.
+    X, _ = stream
+    X32 = X.astype(np.float32)
+    np.save(tmp_path / "x.npy", X32)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    readonly = X32.copy()
+    readonly.flags.writeable = False
+    kinds = {"float32": X32, "float64": X32.astype(np.float64), "read-only": readonly,
+             "fortran": np.asfortranarray(X32), "memmap": mapped}
+    ref = OnlineConstrainedKMeans(10, random_state=0)
+    ref_labels = [ref.partial_fit(torch.from_numpy(X32[s:s + 300])).labels_.numpy() for s in range(0, 1500, 300)]
+    for name, A in kinds.items():
+        km = OnlineConstrainedKMeans(10, random_state=0)
+        labels = [km.partial_fit(A[s:s + 300]).labels_ for s in range(0, 1500, 300)]
+        assert all(np.array_equal(a, b) for a, b in zip(labels, ref_labels)), name
+        assert np.array_equal(km.cluster_centers_, ref.cluster_centers_.numpy()), name
+    assert np.array_equal(X32, np.load(tmp_path / "x.npy"))  # the caller's data untouched
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("center_update", ["mean", "ema"])
 def test_assigned_similarity_is_the_score_against_the_centers_before_the_step(stream, metric, center_update):

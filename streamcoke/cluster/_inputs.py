@@ -32,11 +32,29 @@ def as_features(est, X, *, reset: bool, device: torch.device) -> tuple[Tensor, I
     ``device``. ``reset=True`` records ``n_features_in_`` (and feature names) on ``est``."""
     if isinstance(X, Tensor):
         return _tensor_features(est, X, reset=reset, device=device), InputKind(True, X.device)
+    fast = _plain_batch(est, X, reset=reset, device=device)
+    if fast is not None:
+        return fast, InputKind(False)
     X = validate_data(est, X, reset=reset, dtype=[np.float32, np.float64], ensure_min_samples=1)
     X = np.asarray(X, dtype=np.float32)
     if not X.flags.writeable:  # torch cannot wrap a read-only buffer without a warning
         X = X.copy()
     return torch.from_numpy(X).to(device), InputKind(False)
+
+
+def _plain_batch(est, X, *, reset: bool, device: torch.device) -> Tensor | None:
+    """A batch for a fitted estimator that is a plain finite float32 or float64 ndarray of the
+    right width, as a float32 tensor, without scikit-learn's validation (which costs about as
+    much as the rest of a step's bookkeeping); None for anything else, which then takes the full
+    validation and its error messages."""
+    if reset or type(X) not in (np.ndarray, np.memmap) or X.ndim != 2 or X.dtype not in (np.float32, np.float64) \
+            or X.shape[0] == 0 or X.shape[1] != getattr(est, "n_features_in_", -1) \
+            or hasattr(est, "feature_names_in_"):
+        return None
+    if X.dtype != np.float32 or not X.flags.writeable:  # torch wraps only writeable buffers
+        X = X.astype(np.float32)
+    t = torch.from_numpy(X).to(device)
+    return t if _all_finite(t) else None
 
 
 def _tensor_features(est, X: Tensor, *, reset: bool, device: torch.device) -> Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,12 +47,27 @@ def behind(lower: Tensor, epoch_counts: Tensor, epoch_weight: float, batch_weigh
     share of the epoch so far, and behind it by more than ``BEHIND`` quotas of the batch and
     more than ``MIN_ROWS`` rows' weight. ``epoch_counts`` and ``epoch_weight`` include the
     batch. At most ``MAX_BIDDERS``, the furthest behind for their share, in index order."""
+    if lower.device.type == "cpu":  # the same float32 / float64 operations, at numpy's per-call cost
+        return torch.from_numpy(_behind_numpy(lower.numpy(), epoch_counts.numpy(), epoch_weight, batch_weight,
+                                              n_rows))
     share = lower * epoch_weight
     slack = torch.clamp(lower * (BEHIND * batch_weight), min=MIN_ROWS * batch_weight / n_rows)
     columns = torch.nonzero(epoch_counts < torch.minimum(share - slack, share * SHARE)).flatten()
     if columns.numel() > MAX_BIDDERS:
         held = epoch_counts.index_select(0, columns) / share.index_select(0, columns)
         columns = columns[torch.sort(held, stable=True).indices[:MAX_BIDDERS]].sort().values
+    return columns
+
+
+def _behind_numpy(lower: np.ndarray, epoch_counts: np.ndarray, epoch_weight: float, batch_weight: float,
+                  n_rows: int) -> np.ndarray:
+    f32 = lower.dtype.type
+    share = lower * f32(epoch_weight)
+    slack = np.maximum(lower * f32(BEHIND * batch_weight), f32(MIN_ROWS * batch_weight / n_rows))
+    columns = np.flatnonzero(epoch_counts < np.minimum(share - slack, share * f32(SHARE)))
+    if columns.size > MAX_BIDDERS:
+        held = epoch_counts[columns] / share[columns]
+        columns = np.sort(columns[np.argsort(held, kind="stable")[:MAX_BIDDERS]])
     return columns
 
 

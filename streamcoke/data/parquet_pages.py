@@ -146,22 +146,27 @@ def hybrid_runs(buf, pos: int, end: int, bit_width: int) -> list[tuple[bool, int
     """The runs of Parquet's RLE / bit-packed hybrid encoding in ``buf[pos:end]``, as
     ``(packed, count, start)``: ``count`` values; for a packed run, ``start`` is the byte where
     its bits begin, for a repeated run, the value itself."""
+    runs = [run for run, _ in _runs_from(buf, pos, end, bit_width)]
+    return runs
+
+
+def _runs_from(buf, pos: int, end: int, bit_width: int) -> Iterator[tuple[tuple[bool, int, int], int]]:
+    """The runs of :func:`hybrid_runs` one at a time, each with the byte offset where the next
+    begins, so a caller that needs only the first few parses only those."""
     r = _Compact(buf, pos)
     width = (bit_width + 7) // 8
-    runs = []
     while r.pos < end:
         h = r.varint()
         if h & 1:
             groups = h >> 1
-            runs.append((True, groups * 8, r.pos))
+            run = (True, groups * 8, r.pos)
             r.pos += groups * bit_width
         else:
-            value = int.from_bytes(buf[r.pos:r.pos + width], "little")
-            runs.append((False, h >> 1, value))
+            run = (False, h >> 1, int.from_bytes(buf[r.pos:r.pos + width], "little"))
             r.pos += width
+        yield run, r.pos
     if r.pos != end:
         raise Decline("an encoded run goes past its section")
-    return runs
 
 
 def unpack(buf, runs: list[tuple[bool, int, int]], bit_width: int, count: int) -> np.ndarray:
@@ -242,40 +247,30 @@ class RowPattern:
         return rows
 
     def _learn(self, buf, pos: int, end: int, count: int) -> None:
-        """Take the runs that make up the first row of the page; they must end where it ends."""
-        runs = hybrid_runs(buf, pos, end, 1)
-        starts = _run_starts(buf, pos, end)
-        seen = 0
-        for i, (packed, n, value) in enumerate(runs):
+        """Take the runs that make up the first row of the page; they must end where it ends.
+        Only the runs up to the first row's end are parsed: a page holds thousands of rows."""
+        seen, run_start = 0, pos  # run_start: where run i begins
+        for i, (run, run_end) in enumerate(_runs_from(buf, pos, end, 1)):
+            packed, n, value = run
             n = min(n, count - seen)  # the last packed group is padded to eight values
             if n <= 0:
                 break
             if not packed and value > 1:
                 raise Decline("a repetition level over 1")
-            levels = unpack(buf, [runs[i]], 1, n) if packed else np.full(n, value, np.uint32)
+            levels = unpack(buf, [run], 1, n) if packed else np.full(n, value, np.uint32)
             if i == 0 and levels[0] != 0:
                 raise Decline("a page that does not start a row")
             zeros = np.flatnonzero(levels[1:] == 0) + 1 if i == 0 else np.flatnonzero(levels == 0)
             if len(zeros):
                 if i == 0 or zeros[0] != 0:
                     raise Decline("a row that ends inside an encoded run")
-                self.pattern, self.width = bytes(buf[pos:starts[i]]), seen
+                self.pattern, self.width = bytes(buf[pos:run_start]), seen
                 return
             seen += n
+            run_start = run_end
         if seen != count or not count:
             raise Decline("fewer repetition levels than values")
         self.pattern, self.width = bytes(buf[pos:end]), count  # the page is one row
-
-
-def _run_starts(buf, pos: int, end: int) -> list[int]:
-    """Byte offsets where the runs of a bit-width-1 hybrid section begin."""
-    r = _Compact(buf, pos)
-    starts = []
-    while r.pos < end:
-        starts.append(r.pos)
-        h = r.varint()
-        r.pos += (h >> 1) if h & 1 else 1
-    return starts
 
 
 # ---------------------------------------------------------------------------------- values
