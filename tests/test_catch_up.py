@@ -130,3 +130,18 @@ def test_bids_in_every_head_of_a_multi_clustering(long_tail, monkeypatch):
     without = run()
     assert min(without[-1]) < 0.6  # the K = 200 head starves under the ascent alone
     assert all(share >= 0.95 for share in with_bids[-1]), with_bids
+
+
+def test_behind_is_the_same_in_numpy_and_in_torch():
+    # The CPU finds the bidders with numpy, the GPU with torch: the same columns, bit for bit.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        K = int(torch.randint(1, 3000, (1,), generator=g))
+        lower = torch.rand(K, generator=g) * 0.01
+        counts = torch.rand(K, generator=g, dtype=torch.float64) * float(torch.randint(1, 5000, (1,), generator=g))
+        epoch_weight = float(torch.rand(1, generator=g)) * 1e5
+        batch_weight = float(torch.randint(1, 4096, (1,), generator=g))
+        args = (lower, counts, epoch_weight, batch_weight, int(batch_weight))
+        got = torch.from_numpy(catch_up._behind_numpy(*(a.numpy() if isinstance(a, torch.Tensor) else a
+                                                        for a in args)))
+        assert torch.equal(got, catch_up._behind_torch(*args))

@@ -50,6 +50,11 @@ def behind(lower: Tensor, epoch_counts: Tensor, epoch_weight: float, batch_weigh
     if lower.device.type == "cpu":  # the same float32 / float64 operations, at numpy's per-call cost
         return torch.from_numpy(_behind_numpy(lower.numpy(), epoch_counts.numpy(), epoch_weight, batch_weight,
                                               n_rows))
+    return _behind_torch(lower, epoch_counts, epoch_weight, batch_weight, n_rows)
+
+
+def _behind_torch(lower: Tensor, epoch_counts: Tensor, epoch_weight: float, batch_weight: float,
+                  n_rows: int) -> Tensor:
     share = lower * epoch_weight
     slack = torch.clamp(lower * (BEHIND * batch_weight), min=MIN_ROWS * batch_weight / n_rows)
     columns = torch.nonzero(epoch_counts < torch.minimum(share - slack, share * SHARE)).flatten()

@@ -146,8 +146,7 @@ def hybrid_runs(buf, pos: int, end: int, bit_width: int) -> list[tuple[bool, int
     """The runs of Parquet's RLE / bit-packed hybrid encoding in ``buf[pos:end]``, as
     ``(packed, count, start)``: ``count`` values; for a packed run, ``start`` is the byte where
     its bits begin, for a repeated run, the value itself."""
-    runs = [run for run, _ in _runs_from(buf, pos, end, bit_width)]
-    return runs
+    return [run for run, _ in _runs_from(buf, pos, end, bit_width)]
 
 
 def _runs_from(buf, pos: int, end: int, bit_width: int) -> Iterator[tuple[tuple[bool, int, int], int]]:
