@@ -18,6 +18,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
 from .batch import DataError
+from .tar_rows import row_runs
 
 END_OF_ARCHIVE = 1024  # two zero blocks of 512 bytes
 
@@ -76,13 +77,20 @@ def local_tar_path(url: str) -> str | None:
         return None if f.read(6).startswith(_COMPRESSED_MAGIC) else path
 
 
-def local_tar_members(path: str, url: str, writable: bool = False) -> Iterator[dict]:
+def local_tar_members(path: str, url: str, writable: bool = False, start: int = 0) -> Iterator[dict]:
     """The members of a local uncompressed tar file as webdataset's tar reader yields them
     (``fname``, ``data``, ``__url__``), each read with one system call. webdataset reads any
     shard as a stream, in records of 10 KiB that it joins again: for members of hundreds of
     KiB (blocks of rows) that cost more than decoding them. ``writable`` reads into a
-    ``bytearray``, which arrays can then use in place (``bytes`` would need a copy)."""
-    with open(path, "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    ``bytearray``, which arrays can then use in place (``bytes`` would need a copy).
+    ``start``: the byte offset of a member header to begin at."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)  # tarfile begins where the file stands
+        yield from _members(f, url, writable)
+
+
+def _members(f, url: str, writable: bool) -> Iterator[dict]:
+    with tarfile.open(fileobj=f, mode="r:") as tar:
         while (info := tar.next()) is not None:  # next() seeks to the header itself
             tar.members = []  # its index of the members read so far: not needed, keep memory flat
             if not info.isreg() or _SKIPPED_MEMBER.match(info.name):
@@ -99,16 +107,25 @@ def local_tar_members(path: str, url: str, writable: bool = False) -> Iterator[d
             yield {"fname": info.name, "data": data, "__url__": url}
 
 
-def shard_samples(shard: dict, writable: bool = False) -> Iterator[dict]:
+def shard_samples(shard: dict, writable: bool = False, rows_field: str | None = None) -> Iterator[dict]:
     """The samples of one shard (``{"url": ...}``, a webdataset shard-list item). A corrupt or
     truncated shard raises :class:`DataError` naming it and its last good sample key, after
     the samples read before the damage. Local uncompressed shards are read member by member
-    with :func:`local_tar_members` (``writable`` passes on), others by webdataset."""
+    with :func:`local_tar_members` (``writable`` passes on), others by webdataset.
+
+    With ``rows_field`` (``"npy"``), a local shard's leading run of one-row samples of that
+    field comes first as array samples, ``{"__key__": last key, "__url__": url, "__rows__":``
+    :class:`~streamcoke.data.tar_rows.RowRun` ``}``, many rows each
+    (:func:`~streamcoke.data.tar_rows.row_runs`); the rest of the shard as above."""
     url, last = shard["url"], None
     try:
         path = local_tar_path(url)
-        samples = group_by_keys(local_tar_members(path, url, writable)) if path is not None \
-            else wds.tarfile_samples([dict(shard)])
+        if path is None:
+            samples = wds.tarfile_samples([dict(shard)])
+        elif rows_field is None:
+            samples = group_by_keys(local_tar_members(path, url, writable))
+        else:
+            samples = _rows_then_members(path, url, writable, rows_field)
         for sample in samples:
             last = sample["__key__"]
             yield sample
@@ -117,3 +134,17 @@ def shard_samples(shard: dict, writable: bool = False) -> Iterator[dict]:
     except Exception as exc:
         msg = f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
         raise DataError(msg + (f" after sample {last!r}" if last else ""), source=url) from None
+
+
+def _rows_then_members(path: str, url: str, writable: bool, field: str) -> Iterator[dict]:
+    with open(path, "rb", buffering=0) as f:
+        runs = row_runs(f, field)
+        while True:
+            try:
+                run = next(runs)
+            except StopIteration as stop:
+                start = stop.value
+                break
+            yield {"__key__": str(run.keys[-1]), "__url__": url, "__rows__": run}
+        f.seek(start)
+        yield from group_by_keys(_members(f, url, writable))

@@ -7,11 +7,14 @@ that no field is ever unpickled: ``.npy`` is read with ``allow_pickle=False``, `
 
 Stored features come in two layouts, which may be mixed:
 
-- one row per sample: ``KEY.npy`` holds one feature vector; the row's id is ``KEY``;
+- one row per sample: ``KEY.npy`` holds one feature vector; the row's id is ``KEY``. Local,
+  uncompressed shards whose samples all look alike (the same fields and sizes, as a writer
+  makes them) are read in chunks of thousands of samples, every header checked at once
+  (:mod:`.tar_rows`), unless a shuffle buffer is asked for; other samples, and the rest of a
+  shard from the first sample that differs, go member by member.
 - blocks: ``KEY.npy`` holds an (n, d) block of rows and ``KEY.ids.npy`` their n ids (as
-  written by ``streamcoke shards --rows-per-sample``). Reading a tar member costs about the
-  same whatever its size, so blocks of a thousand rows read tens of times faster than single
-  rows. A shuffle buffer then shuffles blocks, not rows.
+  written by ``streamcoke shards --rows-per-sample``): fewer bytes of tar headers per row,
+  and the fastest layout to read. A shuffle buffer then shuffles blocks, not rows.
 """
 
 from __future__ import annotations
@@ -104,7 +107,11 @@ class _Decode:
         for sample in samples:
             key, url = sample.get("__key__"), sample.get("__url__")
             try:
-                if not self.image and IDS_FIELD in sample:
+                if "__rows__" in sample:
+                    block = self._rows(sample)
+                    if block is not None:
+                        yield block
+                elif not self.image and IDS_FIELD in sample:
                     block = self._block(sample)
                     if block is not None:
                         yield block
@@ -141,6 +148,25 @@ class _Decode:
             X, ids = X[ok], ids[ok]
         return _Block(ids, X) if len(X) else None
 
+    def _rows(self, sample) -> "_Block | None":
+        """A run of one-row samples read as an array (:mod:`.tar_rows`): the checks of
+        :meth:`_decode`, each bad row reported by its key."""
+        url = sample["__url__"]
+        keys, X = sample["__rows__"]
+        if self.shape is None:
+            self.shape = (X.shape[1],)
+        elif (X.shape[1],) != self.shape:
+            for key in keys:
+                report(self.handler, DataError(f"feature vector has shape ({X.shape[1]},), expected {self.shape}",
+                                               source=url, key=str(key)))
+            return None
+        if X.dtype != np.float32:
+            X = X.astype(np.float32)
+        ok = finite_rows(X, keys, url, self.handler)
+        if ok is not None:
+            X, keys = X[ok], keys[ok]
+        return _Block(keys, X) if len(X) else None
+
     def _decode(self, sample):
         field = next((f for f in self.fields if f in sample), None)
         if field is None:
@@ -168,15 +194,16 @@ class _Decode:
         return x
 
 
-def _tar_samples(handler: Callable):
+def _tar_samples(handler: Callable, rows_field: str | None = None):
     """Pipeline stage: shard urls -> samples; a truncated or corrupt shard is reported with its
     name and the last good key, and the rest of that shard is skipped. A local shard cut at a
-    member's header, which tarfile reads as complete, is caught by its missing end marker."""
+    member's header, which tarfile reads as complete, is caught by its missing end marker.
+    ``rows_field``: read runs of one-row samples of this field as arrays (:mod:`.tar_rows`)."""
 
     def stage(shards):
         for shard in shards:
-            try:
-                yield from shard_samples(shard, writable=True)  # arrays use the read buffers in place
+            try:  # arrays use the read buffers in place
+                yield from shard_samples(shard, writable=True, rows_field=rows_field)
             except DataError as err:
                 report(handler, err)
 
@@ -193,7 +220,7 @@ class _Block(tuple):
 def _batched_rows(batch_size: int):
     """Pipeline stage: single rows and blocks of rows -> (ids, float32 tensor) batches of
     exactly ``batch_size`` rows (the last may be shorter), whatever the layout of the shards.
-    ids are a list of keys when every row came alone, else a numpy array."""
+    ids are a numpy array: the keys of rows that came alone, the ids of block rows."""
 
     def stage(items):
         pieces: list[tuple] = []  # (ids, rows, is_block)
@@ -203,7 +230,7 @@ def _batched_rows(batch_size: int):
             if len(pieces) == 1 and pieces[0][2]:  # one block piece: copy it (it views the tar bytes)
                 ids, X = pieces[0][0], np.array(pieces[0][1], dtype=np.float32)
             elif not any(blk for _, _, blk in pieces):
-                ids, X = [k for k, _, _ in pieces], np.stack([x for _, x, _ in pieces])
+                ids, X = np.asarray([k for k, _, _ in pieces]), np.stack([x for _, x, _ in pieces])
             else:
                 ids = np.concatenate([i if blk else np.asarray([i]) for i, _, blk in pieces])
                 X = np.concatenate([x if blk else x[None] for _, x, blk in pieces]).astype(np.float32, copy=False)
@@ -280,7 +307,7 @@ class WebDatasetSource:
     >>> with wds.TarWriter(path) as w:
     ...     for i in range(3):
     ...         _ = w.write({"__key__": f"s{i}", "npy": np.full(4, i, np.float32)})
-    >>> [(b.ids, tuple(b.features.shape)) for b in WebDatasetSource(path, batch_size=2)]
+    >>> [(b.ids.tolist(), tuple(b.features.shape)) for b in WebDatasetSource(path, batch_size=2)]
     [(['s0', 's1'], (2, 4)), (['s2'], (1, 4))]
     """
 
@@ -312,7 +339,10 @@ class WebDatasetSource:
             stages.append(wds.split_by_node)
         if self.split_by_worker:
             stages.append(wds.split_by_worker)
-        stages.append(_tar_samples(self.handler))
+        # Runs of one-row .npy samples are read as arrays, unless samples are to be shuffled
+        # one by one (a run would go through the shuffle buffer whole).
+        rows_field = "npy" if not self.image and not self.shuffle and "npy" in self.fields else None
+        stages.append(_tar_samples(self.handler, rows_field))
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=random.Random(f"{self.seed}-{epoch}")))
         n_features = None if self.image else self.n_features

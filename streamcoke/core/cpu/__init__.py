@@ -5,13 +5,15 @@ score-gap statistic, the running-mean center update) costs as much as half the m
 as a chain of torch operations. ``step.cpp`` does it in one pass over the scores and one over the
 centers. On processors with AVX-512 it also does the multiply itself: on some of them (AMD EPYC,
 measured) the BLAS that torch ships reaches about half the rate of its register-blocked kernel.
-It is compiled once per machine with torch's extension builder (a C++ compiler with OpenMP and
-ninja are needed; the build is cached under torch's extension folder, ``TORCH_EXTENSIONS_DIR``)
-and loaded through pybind11, never unpickled.
+``tar_scan.cpp`` holds one more kernel, for the shard reader: the header checks of
+:mod:`streamcoke.data.tar_rows`. The module is compiled once per machine with torch's
+extension builder (a C++ compiler with OpenMP and ninja are needed; the build is cached under
+torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and loaded through pybind11, never
+unpickled.
 
-Where it cannot be built, or with ``STREAMCOKE_CPU_KERNELS=0``, the torch implementations in
-:mod:`streamcoke.core` are used instead, with a warning; they are also the GPU path, and the
-tests check that both agree.
+Where it cannot be built, or with ``STREAMCOKE_CPU_KERNELS=0``, the torch (and numpy)
+implementations in :mod:`streamcoke.core` and :mod:`streamcoke.data.tar_rows` are used
+instead, with a warning; they are also the GPU path, and the tests check that both agree.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("step.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("tar_scan.cpp"))  # step.cpp holds the module's bindings
 ENV_FLAG = "STREAMCOKE_CPU_KERNELS"
 _lock = threading.Lock()
 _module = None
@@ -33,7 +36,7 @@ _disabled = 0  # depth of use_cpu_kernels(False) blocks
 
 
 def _build_name() -> str:
-    digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
     return f"streamcoke_cpu_step_{digest}"
 
 
@@ -47,7 +50,7 @@ def _build():
               file=sys.stderr, flush=True)
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+        name=name, sources=[str(p) for p in SOURCES], build_directory=str(build_dir),
         # OpenMP for at::parallel_for: without it the kernels run on one thread. The runtime is
         # the one torch already loaded (same soname), so the two share one thread pool.
         extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

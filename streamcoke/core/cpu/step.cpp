@@ -814,6 +814,12 @@ bool all_finite(const at::Tensor& X) {
   return ok.load();
 }
 
+// tar_scan.cpp: the header checks of the one-row shard reader (streamcoke.data.tar_rows).
+at::Tensor tar_rows_ok(const at::Tensor& V, const std::vector<int64_t>& member_at, const std::vector<bool>& pax,
+                       const std::vector<std::string>& exts, const std::vector<int64_t>& data_blocks,
+                       int64_t feature, int64_t key_len, const std::string& magic, const std::string& size_field,
+                       const std::string& npy_header, const std::string& previous);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -827,4 +833,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("certificate_terms", &certificate_terms, "A batch's terms of the duality certificate", nogil);
   m.def("label_counts", &label_counts, "Weight received by every center, in the order of the rows", nogil);
   m.def("inner_dual_steps", &inner_dual_steps, "A batch's projected dual ascent steps after its first", nogil);
+  m.def("tar_rows_ok", &tar_rows_ok, "Which samples of a shard chunk are one-row samples of a layout", nogil);
 }
