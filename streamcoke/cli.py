@@ -304,7 +304,7 @@ def cluster(args: argparse.Namespace) -> int:
             print("digits (1797 images, 10 classes): " + "  ".join(f"{n} {v:.3f}" for n, v in scores.items())
                   + (f" (K = {k})" if len(Ks) > 1 else ""))
     if isinstance(handler, SkipErrors) and handler.count:
-        print(f"skipped {handler.count} bad samples (first: {handler.first})")
+        print(f"skipped {handler.count} bad sample{'' if handler.count == 1 else 's'} (first: {handler.first})")
     km.end_epoch()
     if sink is not None:
         sink.close()

@@ -105,6 +105,12 @@ def _members(f, url: str, writable: bool) -> Iterator[dict]:
             if got != info.size:
                 raise tarfile.ReadError(f"unexpected end of data in member {info.name!r}")
             yield {"fname": info.name, "data": data, "__url__": url}
+        # tarfile also ends quietly at a damaged header past the first: only an end-of-archive
+        # block (zeros) or the end of the file (checked by tar_end_missing) is a proper end.
+        f.seek(tar.offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"invalid tar header at byte {tar.offset}")
 
 
 def shard_samples(shard: dict, writable: bool = False, rows_field: str | None = None) -> Iterator[dict]:
