@@ -244,6 +244,10 @@ SC_CLONES void divide_row(float* out, const float* x, float denom, int64_t d) {
   for (int64_t j = 0; j < d; ++j) out[j] = x[j] / denom;
 }
 
+SC_CLONES void sum_rows(float* out, const float* a, const float* b, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = a[j] + b[j];
+}
+
 SC_CLONES void add_row(float* acc, const float* x, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += x[j];
 }
@@ -557,7 +561,7 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
         else add_row(acc.data(), x + i * d, d);
       }
       float* s = ns + k * d;
-      for (int64_t j = 0; j < d; ++j) s[j] = es[k * d + j] + acc[j];
+      sum_rows(s, es + k * d, acc.data(), d);
       float* out = nc + k * d;
       if (!(cnt[k] > 0)) {
         std::copy(c + k * d, c + (k + 1) * d, out);
@@ -565,7 +569,7 @@ std::vector<at::Tensor> running_mean_update(const at::Tensor& X, const at::Tenso
       }
       const float denom = cosine ? std::max(std::sqrt(squared_norm(s, d)), 1e-12f)
                                  : static_cast<float>(cnt[k]);
-      for (int64_t j = 0; j < d; ++j) out[j] = s[j] / denom;
+      divide_row(out, s, denom, d);
     }
   });
   return {new_centers, new_sums};
