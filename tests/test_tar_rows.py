@@ -8,6 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from streamcoke.data import DataError, SkipErrors, WebDatasetSource
 from streamcoke.data import tar_rows, webdataset_source
@@ -192,3 +194,57 @@ def test_compiled_header_check_agrees_with_numpy(tmp_path, X, kind):
         slow = tar_rows._conforming_numpy(v, lay, prev)
         np.testing.assert_array_equal(fast, slow)
         assert slow.sum() > 20 and not slow.all()  # both kinds of row are there
+
+
+def _member_by_member(monkeypatch, source):
+    with monkeypatch.context() as m:
+        m.setattr(webdataset_source, "shard_samples",
+                  lambda shard, writable=False, rows_field=None: shard_samples(shard, writable))
+        return source()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_shard_reads_as_member_by_member(tmp_path_factory, monkeypatch, data):
+    # Runs of regular samples broken by every kind of irregular one, and perhaps a damaged or cut
+    # file: the arrays and the member-by-member reader give the same ids, rows and errors.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    kinds = data.draw(st.lists(st.sampled_from(["row", "row", "row", "idx", "wide", "block", "cls", "nan"]),
+                               min_size=1, max_size=60))
+    samples = []
+    for i, kind in enumerate(kinds):
+        key = f"k{i}" if data.draw(st.booleans()) else f"s{i:05d}"  # keys that grow, and fixed-width ones
+        x = rng.normal(size=4).astype(np.float32)
+        if kind == "idx":
+            samples.append({"__key__": key, "npy": x, "idx": str(i).encode()})
+        elif kind == "wide":
+            samples.append({"__key__": key, "npy": np.ones(5, np.float32)})
+        elif kind == "block":
+            samples.append({"__key__": key, "npy": rng.normal(size=(3, 4)).astype(np.float32),
+                            "ids.npy": np.arange(3) + 1000 * i})
+        elif kind == "cls":
+            samples.append({"__key__": key, "cls": b"1"})
+        else:
+            if kind == "nan":
+                x[1] = np.nan
+            samples.append({"__key__": key, "npy": x})
+    path = tmp_path_factory.mktemp("shard") / "s.tar"
+    write(path, samples)
+    damage = data.draw(st.sampled_from(["none", "none", "flip", "cut"]))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= 1 << data.draw(st.integers(0, 7))
+    elif damage == "cut":
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    path.write_bytes(bytes(raw))
+    batch = data.draw(st.integers(1, 16))
+
+    def read():
+        h = SkipErrors()
+        ids, F = collect(WebDatasetSource(str(path), batch_size=batch, handler=h))
+        return [str(i) for i in ids], F, h.count, h.first
+
+    got, want = read(), _member_by_member(monkeypatch, read)
+    assert got[0] == want[0] and got[2:] == want[2:]
+    np.testing.assert_array_equal(got[1], want[1])

@@ -153,15 +153,16 @@ class _Decode:
         :meth:`_decode`, each bad row reported by its key."""
         url = sample["__url__"]
         keys, X = sample["__rows__"]
-        if self.shape is None:
-            self.shape = (X.shape[1],)
-        elif (X.shape[1],) != self.shape:
-            for key in keys:
-                report(self.handler, DataError(f"feature vector has shape ({X.shape[1]},), expected {self.shape}",
-                                               source=url, key=str(key)))
-            return None
         if X.dtype != np.float32:
             X = X.astype(np.float32)
+        if self.shape is None and np.isfinite(X).all(axis=1).any():
+            self.shape = (X.shape[1],)  # as one sample at a time: the first finite row sets it
+        if self.shape is not None and (X.shape[1],) != self.shape:  # every row is bad, each for its first fault
+            finite = np.isfinite(X).all(axis=1)
+            for key, fine in zip(keys, finite):
+                what = f"has shape ({X.shape[1]},), expected {self.shape}" if fine else "contains NaN or infinity"
+                report(self.handler, DataError(f"feature vector {what}", source=url, key=str(key)))
+            return None
         ok = finite_rows(X, keys, url, self.handler)
         if ok is not None:
             X, keys = X[ok], keys[ok]
