@@ -3,6 +3,7 @@ rows as webdataset's own reader gives, on regular shards and on every way a shar
 being regular."""
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -251,3 +252,23 @@ def test_any_shard_reads_as_member_by_member(tmp_path_factory, monkeypatch, data
     got, want = read(), _member_by_member(monkeypatch, read)
     assert got[0] == want[0] and got[2:] == want[2:]
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def _rss_anon_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_large_shard_streams_in_flat_memory(tmp_path):
+    # 30,000 rows of 128 floats, 77 MB of tar: read a chunk at a time, never whole.
+    rows = np.ones((30_000, 128), np.float32)
+    path = write_array_shards(rows, str(tmp_path / "big"), maxcount=30_000)
+    assert os.path.getsize(path) > 70e6
+    before, grown, n = _rss_anon_kib(), 0, 0
+    for b in WebDatasetSource(path, batch_size=1024):
+        n += len(b.ids)
+        grown = max(grown, _rss_anon_kib() - before)
+    assert n == 30_000
+    assert grown < 24 * 1024  # a 4 MiB chunk, its rows and a batch or two; not the 77 MB shard
