@@ -2,20 +2,22 @@
 
 A shard written one sample at a time (``KEY.npy`` holding one feature vector, perhaps beside
 small fields such as ``KEY.idx``, as ``webdataset.TarWriter`` and ``streamcoke shards`` write
-it) costs tar headers, a Python dict and an ``.npy`` decode per row: some 35 microseconds, many
-times the clustering step of that row. But such a shard is regular: every sample has the same
-members in the same order, each taking the same number of blocks (a header, the padded
-payload, and before the header the pax header that carries a fractional mtime), so the file is
-a matrix with one sample per row. :func:`row_runs` reads it in chunks of thousands of samples
-and checks every header of a chunk at once with numpy: checksum, member type, size, the name
-(``KEY.EXT``, the key without dots, ASCII, not webdataset metadata), one key per sample and
-another for the next sample, and the feature payload's ``.npy`` header. Rows come out as a
-copy of a strided view of the chunk, ids are the keys.
+it) costs tar headers, a Python dict and an ``.npy`` decode per row when read member by member:
+about 40 microseconds, many times the clustering step of that row. But such a shard is
+regular: every sample has the same members in the same order, each taking the same number of
+blocks (a header, the padded payload, and before the header the pax header that carries a
+fractional mtime), so the file is a matrix with one sample per row. :func:`row_runs` reads it
+in chunks of thousands of samples and checks every header of a chunk at once: checksum, member
+type, size, the name (``KEY.EXT``, the key without dots, ASCII, not webdataset metadata), one
+key per sample and another for the next sample, and the feature payload's ``.npy`` header (in
+one pass of ``tar_scan.cpp`` where :mod:`streamcoke.core.cpu` is built, else in numpy). Rows
+come out as a copy of a strided view of the chunk, ids are the keys.
 
-At the first sample that does not fit (another field, another size, a long name, the end of
-the archive, damage), it stops and says where: the rest of the shard, from the last sample it
-checked (held back: it could still group with what follows), goes through the member-by-member
-reader, which gives what webdataset gives and names what is wrong.
+Where a sample does not fit, a layout is learnt from it (keys ``k9`` then ``k10``, a field
+that changes size); where none can be (another field, a long name, the end of the archive,
+damage), the rest of the shard, from the last sample checked (held back: it could still group
+with what follows), goes through the member-by-member reader, which gives what webdataset
+gives and names what is wrong.
 """
 
 from __future__ import annotations

@@ -140,16 +140,10 @@ at::Tensor tar_rows_ok(const at::Tensor& V, const std::vector<int64_t>& member_a
       if (key == nullptr) key = h;
       else good = good && std::memcmp(h, key, static_cast<size_t>(key_len)) == 0;
     }
-    // The key of the sample before (its first member's name, which the check above read).
-    const uint8_t* prev = r > 0 ? nullptr : before;
-    if (r > 0) {
-      int64_t at = member_at[0] + (pax[0] ? 2 * kBlock : 0);
-      prev = s - stride + at;
-    }
-    if (good && prev != nullptr) {
-      const uint8_t* mine = s + member_at[0] + (pax[0] ? 2 * kBlock : 0);
-      good = std::memcmp(mine, prev, static_cast<size_t>(key_len)) != 0;
-    }
+    // A key unlike the sample's before (read from its first member's name, as above).
+    const int64_t name_at = member_at[0] + (pax[0] ? 2 * kBlock : 0);
+    const uint8_t* prev = r > 0 ? s - stride + name_at : before;
+    if (good && prev != nullptr) good = std::memcmp(s + name_at, prev, static_cast<size_t>(key_len)) != 0;
     ok[r] = good;
   }
   return out;
