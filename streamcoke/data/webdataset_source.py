@@ -8,10 +8,10 @@ that no field is ever unpickled: ``.npy`` is read with ``allow_pickle=False``, `
 Stored features come in two layouts, which may be mixed:
 
 - one row per sample: ``KEY.npy`` holds one feature vector; the row's id is ``KEY``. Local,
-  uncompressed shards whose samples all look alike (the same fields and sizes, as a writer
-  makes them) are read in chunks of thousands of samples, every header checked at once
-  (:mod:`.tar_rows`), unless a shuffle buffer is asked for; other samples, and the rest of a
-  shard from the first sample that differs, go member by member.
+  uncompressed shards whose samples look alike (the same fields and sizes, as a writer makes
+  them) are read in chunks of thousands of samples, every header checked at once
+  (:mod:`.tar_rows`), unless a shuffle buffer is asked for; from a sample that fits no such
+  layout on, the rest of the shard goes member by member.
 - blocks: ``KEY.npy`` holds an (n, d) block of rows and ``KEY.ids.npy`` their n ids (as
   written by ``streamcoke shards --rows-per-sample``): fewer bytes of tar headers per row,
   and the fastest layout to read. A shuffle buffer then shuffles blocks, not rows.
@@ -198,7 +198,8 @@ class _Decode:
 def _tar_samples(handler: Callable, rows_field: str | None = None):
     """Pipeline stage: shard urls -> samples; a truncated or corrupt shard is reported with its
     name and the last good key, and the rest of that shard is skipped. A local shard cut at a
-    member's header, which tarfile reads as complete, is caught by its missing end marker.
+    member's header, which tarfile reads as complete, is caught by its missing end marker, and
+    one with a damaged header by what lies where tarfile stopped.
     ``rows_field``: read runs of one-row samples of this field as arrays (:mod:`.tar_rows`)."""
 
     def stage(shards):
