@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
-import re
 import os
+import re
 import tarfile
 
 import numpy as np
