@@ -252,7 +252,9 @@ def _conforming_numpy(v: np.ndarray, lay: _Layout, previous: np.ndarray | None) 
 
 
 def _keys(v: np.ndarray, at: int, key_len: int) -> np.ndarray:
-    return np.ascontiguousarray(v[:, at:at + key_len]).view(f"S{key_len}").ravel().astype(f"U{key_len}")
+    # The keys are ASCII (checked), so each byte widened to 32 bits is its code point: a numpy
+    # str array without decoding (bytes.astype(str) costs ten times as much).
+    return v[:, at:at + key_len].astype(np.uint32).view(f"U{key_len}").ravel()
 
 
 def row_runs(f, field: str = "npy", start: int = 0) -> Iterator[RowRun]:
