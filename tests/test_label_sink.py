@@ -153,3 +153,20 @@ def test_join_of_parts_streams_row_groups(tmp_path, monkeypatch):
     f = pq.ParquetFile(path)
     assert f.num_row_groups == 6 and f.read().column("id").to_pylist() == list(range(300))
     assert not (tmp_path / ".l.parquet.parts").exists()
+
+
+@pytest.mark.parametrize("ids", [
+    np.array([f"{i:09d}" for i in range(1000)]),  # one length, ASCII: laid out directly
+    np.array(["k1", "k22", "k333"]),  # padded to one width: pyarrow converts them
+    np.array(["caf\u00e9", "naive"]),  # not ASCII
+    np.array(["", "a"]),
+    np.array([], dtype="U3"),
+])
+def test_str_ids_give_pyarrows_strings(ids):
+    import pyarrow as pa
+
+    from streamcoke.io.labels import _id_array
+
+    got = _id_array(ids)
+    assert got.type == pa.string() and got.equals(pa.array(ids, type=pa.string()))
+    assert got.to_pylist() == ids.tolist()

@@ -119,7 +119,7 @@ class ParquetLabelSink:
         if isinstance(ids[0], pa.Array):
             id_col = pa.concat_arrays(ids)
         else:
-            id_col = pa.array(np.concatenate([np.asarray(i) for i in ids]) if len(ids) > 1 else np.asarray(ids[0]))
+            id_col = _id_array(np.concatenate([np.asarray(i) for i in ids]) if len(ids) > 1 else np.asarray(ids[0]))
         if isinstance(self._buffer[0][1], torch.Tensor):  # one device-to-host copy per row group
             lab = _host(torch.cat([b[1].reshape(b[1].shape[0], -1) for b in self._buffer]))
             sim = _host(torch.cat([b[2].reshape(b[2].shape[0], -1) for b in self._buffer]))
@@ -222,3 +222,17 @@ class ParquetLabelSink:
             self.close()
         else:
             self.abort(keep_parts=False)
+
+
+def _id_array(ids: np.ndarray) -> pa.Array:
+    """The ids as an Arrow array. Numpy str ids of one length in ASCII (shard keys, as a rule)
+    are laid out as Arrow strings directly, their code points being their bytes: pyarrow's
+    conversion encodes them one by one, at about three times the cost."""
+    if ids.dtype.kind == "U" and ids.ndim == 1 and len(ids) and ids.dtype.itemsize:
+        width = ids.dtype.itemsize // 4
+        points = np.ascontiguousarray(ids).view(np.uint32).reshape(len(ids), width)
+        if (len(ids) + 1) * width < 2**31 and bool(((points > 0) & (points < 128)).all()):
+            offsets = np.arange(0, (len(ids) + 1) * width, width, dtype=np.int32)
+            return pa.Array.from_buffers(pa.string(), len(ids),
+                                         [None, pa.py_buffer(offsets), pa.py_buffer(points.astype(np.uint8))])
+    return pa.array(ids)
