@@ -213,11 +213,12 @@ def test_any_shard_reads_as_member_by_member(tmp_path_factory, monkeypatch, data
     # Runs of regular samples broken by every kind of irregular one, and perhaps a damaged or cut
     # file: the arrays and the member-by-member reader give the same ids, rows and errors.
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    kinds = data.draw(st.lists(st.sampled_from(["row", "row", "row", "idx", "wide", "block", "cls", "nan"]),
+    kinds = data.draw(st.lists(st.sampled_from(["row", "row", "row", "idx", "wide", "block", "cls", "nan", "upper"]),
                                min_size=1, max_size=60))
+    names = data.draw(st.sampled_from(["k{}", "s{:05d}", "d/k{}", "a.b/k{}"]))  # growing, fixed, in folders
     samples = []
     for i, kind in enumerate(kinds):
-        key = f"k{i}" if data.draw(st.booleans()) else f"s{i:05d}"  # keys that grow, and fixed-width ones
+        key = names.format(i)
         x = rng.normal(size=4).astype(np.float32)
         if kind == "idx":
             samples.append({"__key__": key, "npy": x, "idx": str(i).encode()})
@@ -228,6 +229,8 @@ def test_any_shard_reads_as_member_by_member(tmp_path_factory, monkeypatch, data
                             "ids.npy": np.arange(3) + 1000 * i})
         elif kind == "cls":
             samples.append({"__key__": key, "cls": b"1"})
+        elif kind == "upper":  # webdataset lowercases the extension
+            samples.append({"__key__": key, "NPY": npy(x)})
         else:
             if kind == "nan":
                 x[1] = np.nan
