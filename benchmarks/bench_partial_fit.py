@@ -7,7 +7,8 @@ multiply followed by the row-wise argmax (plain nearest-center assignment with n
 floor of any k-means step, which shows how much of the gap to the multiply is the argmax's pass
 over the score matrix and how much the rest of the step), our ``partial_fit`` on torch and on
 numpy input (and, on the CPU, with the kernels of ``streamcoke.core.cpu`` switched off, which
-shows what they save), and scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown
+shows what they save, and the step's compiled calls alone, back to back, which shows what the
+estimator's Python bookkeeping costs), and scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown
 table of samples/s and ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
 
     python benchmarks/bench_partial_fit.py                 # d=128, K=1000, batch 1024, CPU
@@ -98,9 +99,44 @@ def main(argv=None) -> dict:
             with cpu.use_cpu_kernels(False):
                 return run_ours_torch()
 
+        def run_kernels_only():
+            # The compiled calls of one default step, back to back, without the estimator's
+            # bookkeeping (validation, dual schedule, catch-up check, state, Python glue): the
+            # input check, normalisation, multiply, biased argmax with the score-gap statistic,
+            # counts, a dual step, certificate terms and running-mean update, on a fitted model's
+            # state (centers held fixed). What a step compiled whole would come close to.
+            from streamcoke.cluster._inputs import _all_finite
+            from streamcoke.core.assign import biased_argmax, flat_labels, label_counts
+            from streamcoke.core.centers import running_mean_step
+            from streamcoke.core.certificate import batch_terms
+            from streamcoke.core.duals import repeated_dual_steps
+            from streamcoke.core.schedule import GAP_ROWS, constant_plan
+            from streamcoke.core.similarity import prepare
+
+            s = OnlineConstrainedKMeans(K, init=init.numpy(), device=dev).partial_fit(Xd[batch(0)])._state
+            out, sizes = torch.empty(b, K), (K,)
+            lower, plan = torch.full((K,), 0.4 / K), constant_plan(0.05, sizes, float(b))
+
+            def step(i):
+                Xb = Xd[batch(i)]
+                _all_finite(Xb)
+                Xp = prepare(Xb, "cosine")
+                Z = products(Xp, s["centers"], out=out)
+                labels, best, _ = biased_argmax(Z, s["rho"] - s["mu"], sizes, 1.0, min(GAP_ROWS, b))
+                counts = label_counts(flat_labels(labels, sizes), None, K)
+                labels, best, counts, _, _, bias = repeated_dual_steps(
+                    Z, 1.0, s["centers"], "cosine", s["rho"], s["mu"], lower, None, plan, sizes, None, float(b),
+                    counts, labels, best)
+                batch_terms(best, Xp, "cosine", None, counts, bias, s["reference_net"], sizes)
+                running_mean_step(Xp, flat_labels(labels, sizes), None, s["centers"], s["epoch_sums"],
+                                  s["epoch_counts"] + counts, 1, "cosine")
+
+            return throughput(step, b, n_steps=args.batches)
+
         contenders["streamcoke partial_fit (numpy)"] = run_ours_numpy
         if cpu.kernels() is not None:
             contenders["streamcoke partial_fit (torch, fused CPU kernels off)"] = run_ours_torch_ops
+            contenders["the step's compiled calls alone (no bookkeeping)"] = run_kernels_only
         contenders["scikit-learn MiniBatchKMeans.partial_fit"] = run_sklearn
 
     rates = interleaved(contenders, args.rounds)
