@@ -3,8 +3,8 @@
 // A shard of one feature row per sample is read as a matrix with one sample per row; before
 // its rows are used, every tar header of the chunk is checked (checksum, type, size, name,
 // key, the feature's .npy header). In numpy that is some twenty passes over the headers, each
-// a row-wise reduction, at about a microsecond per sample: more than the clustering step of the
-// row. Here each sample is checked in one go. The numpy version (tar_rows._conforming_numpy)
+// a row-wise reduction, which together cost about as much as the clustering step of the row.
+// Here each sample is checked in one go. The numpy version (tar_rows._conforming_numpy)
 // is the reference; the tests check that the two agree, on damaged shards too.
 
 #include <torch/extension.h>
