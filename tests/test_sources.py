@@ -294,6 +294,21 @@ def test_pth_is_not_unpickled(tmp_path):
         collect(WebDatasetSource(str(tmp_path / "e.tar"), field="pth"))
 
 
+def test_npy_of_objects_is_not_unpickled(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
+    good = io.BytesIO()
+    np.save(good, np.ones(8, np.float32))
+    # Enough regular samples before it that the row reader is the one that meets it.
+    samples = [{"__key__": f"k{i}", "npy": good.getvalue()} for i in range(50)]
+    _write(tmp_path / "o.tar", samples + [{"__key__": "bad", "npy": buf.getvalue()}])
+    with pytest.raises(DataError, match="refusing to unpickle.*o.tar, sample 'bad'"):
+        collect(WebDatasetSource(str(tmp_path / "o.tar"), batch_size=16))
+    h = SkipErrors()
+    keys, F = collect(WebDatasetSource(str(tmp_path / "o.tar"), batch_size=16, handler=h))
+    assert h.count == 1 and keys == [f"k{i}" for i in range(50)] and (F == 1).all()
+
+
 def test_truncated_shard_missing_field_wrong_size(tmp_path, X):
     pattern = write_array_shards(X, str(tmp_path / "f"), maxcount=40)  # 40 + 40 + 23
     data = (tmp_path / "f-000001.tar").read_bytes()

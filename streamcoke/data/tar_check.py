@@ -77,15 +77,13 @@ def local_tar_path(url: str) -> str | None:
         return None if f.read(6).startswith(_COMPRESSED_MAGIC) else path
 
 
-def local_tar_members(path: str, url: str, writable: bool = False, start: int = 0) -> Iterator[dict]:
+def local_tar_members(path: str, url: str, writable: bool = False) -> Iterator[dict]:
     """The members of a local uncompressed tar file as webdataset's tar reader yields them
     (``fname``, ``data``, ``__url__``), each read with one system call. webdataset reads any
     shard as a stream, in records of 10 KiB that it joins again: for members of hundreds of
     KiB (blocks of rows) that cost more than decoding them. ``writable`` reads into a
-    ``bytearray``, which arrays can then use in place (``bytes`` would need a copy).
-    ``start``: the byte offset of a member header to begin at."""
+    ``bytearray``, which arrays can then use in place (``bytes`` would need a copy)."""
     with open(path, "rb", buffering=0) as f:
-        f.seek(start)  # tarfile begins where the file stands
         yield from _members(f, url, writable)
 
 

@@ -22,7 +22,6 @@ gives and names what is wrong.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from typing import Iterator, NamedTuple
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ..core import cpu
+from .npy_header import npy_header
 
 BLOCK = 512
 CHUNK_BYTES = 4 << 20  # read and checked at once
@@ -139,21 +139,16 @@ def _learn(f, start: int, field: str) -> _Layout | None:
 
 
 def _npy_header(payload: bytes, size: int):
-    if payload[:6] != b"\x93NUMPY" or len(payload) < 10:
+    """The feature payload's header, dtype and value count where it is a flat array of
+    numbers filling the member exactly; else (None, None, 0)."""
+    try:
+        h = npy_header(payload)
+    except ValueError:
         return None, None, 0
-    start = 10 if payload[6] == 1 else 12
-    end = start + int.from_bytes(payload[8:start], "little")
-    if end > len(payload):
+    if h.dtype.kind not in "fiu" or (h.fortran and len(h.shape) > 1) or h.count == 0 \
+            or h.end + h.count * h.dtype.itemsize != size:
         return None, None, 0
-    f = io.BytesIO(payload[:end])
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    count = int(np.prod(shape))
-    if dtype.hasobject or dtype.kind not in "fiu" or (fortran and len(shape) > 1) or count == 0 \
-            or end + count * dtype.itemsize != size:
-        return None, None, 0
-    return bytes(payload[:end]), dtype, count
+    return bytes(payload[:h.end]), h.dtype, h.count
 
 
 def _octal(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

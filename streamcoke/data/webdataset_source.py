@@ -29,38 +29,33 @@ import webdataset as wds
 from torch import Tensor
 
 from .batch import Batch, DataError, finite_rows, raise_errors, report, to_device
+from .npy_header import NpyHeader, npy_header
 from .tar_check import shard_samples
 
 IDS_FIELD = "ids.npy"  # the ids of a block of rows, beside its features (KEY.npy)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "webp", "tif", "tiff")
 
 
-_NPY_HEADERS: dict[bytes, tuple] = {}
+_NPY_HEADERS: dict[bytes, NpyHeader] = {}
 
 
 def decode_npy(data: bytes) -> np.ndarray:
     """An ``.npy`` payload, never unpickled. A shard's samples share one header, so it is
     parsed once (numpy parses it with ``ast``, which costs more than reading the values)."""
-    if data[:6] != b"\x93NUMPY":
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
         raise ValueError("not an .npy file")
     start = 10 if data[6] == 1 else 12
     end = start + int.from_bytes(data[8:start], "little")
     header = bytes(data[:end])  # a dict key: data may be a bytearray
     meta = _NPY_HEADERS.get(header)
     if meta is None:
-        f = io.BytesIO(header)
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        if dtype.hasobject:
-            raise ValueError("holds Python objects; refusing to unpickle")
-        meta = (shape, fortran, dtype, int(np.prod(shape)))
+        meta = npy_header(header)
         if len(_NPY_HEADERS) < 256:
             _NPY_HEADERS[header] = meta
-    shape, fortran, dtype, count = meta
-    if len(data) - end < count * dtype.itemsize:
-        raise ValueError(f"truncated .npy payload ({len(data) - end} bytes for {count} values)")
-    return np.frombuffer(data, dtype, count=count, offset=end).reshape(shape, order="F" if fortran else "C")
+    if len(data) - meta.end < meta.count * meta.dtype.itemsize:
+        raise ValueError(f"truncated .npy payload ({len(data) - meta.end} bytes for {meta.count} values)")
+    return np.frombuffer(data, meta.dtype, count=meta.count, offset=meta.end).reshape(
+        meta.shape, order="F" if meta.fortran else "C")
 
 
 def decode_pth(data: bytes) -> np.ndarray:

@@ -227,7 +227,7 @@ class ParquetLabelSink:
 def _id_array(ids: np.ndarray) -> pa.Array:
     """The ids as an Arrow array. Numpy str ids of one length in ASCII (shard keys, as a rule)
     are laid out as Arrow strings directly, their code points being their bytes: pyarrow's
-    conversion encodes them one by one, at about three times the cost."""
+    conversion encodes them one by one, which costs more."""
     if ids.dtype.kind == "U" and ids.ndim == 1 and len(ids) and ids.dtype.itemsize:
         width = ids.dtype.itemsize // 4
         points = np.ascontiguousarray(ids).view(np.uint32).reshape(len(ids), width)
