@@ -1,12 +1,14 @@
 """Throughput of ``OnlineConstrainedKMeans.partial_fit`` against its floor and its peers.
 
 Side by side in one run, on the same batches: the bare similarity matrix multiply, as torch's
-BLAS does it and (on a CPU with AVX-512) as the multiply kernel of ``streamcoke.core.cpu`` that
-``partial_fit`` uses does it; the faster of the two is the floor of the step. Then the floor
+BLAS does it and (on a CPU with AVX-512) as the multiply kernel of ``streamcoke.core.cpu`` does
+it; the faster of the two is the floor of the step (``partial_fit`` uses the kernel on AMD
+processors and the BLAS on Intel ones, see ``streamcoke.core.cpu.multiply_kernel``). Then the
 multiply followed by the row-wise argmax (plain nearest-center assignment with nothing else: the
 floor of any k-means step, which shows how much of the gap to the multiply is the argmax's pass
-over the score matrix and how much the rest of the step; on the CPU the step's own argmax
-kernel, with no duals, elsewhere torch's), our ``partial_fit`` on torch and on
+over the score matrix and how much the rest of the step; on the CPU the step's own
+multiply-and-argmax call, which reads each chunk of scores back while it is in cache, with no
+duals; elsewhere torch's multiply then argmax), our ``partial_fit`` on torch and on
 numpy input (and, on the CPU, with the kernels of ``streamcoke.core.cpu`` switched off, which
 shows what they save, and the step's compiled calls alone, back to back, which shows what the
 estimator's Python bookkeeping costs), and scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown
@@ -30,7 +32,7 @@ from common import interleaved, machine, table, throughput, write_json  # noqa: 
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.core import cpu  # noqa: E402
-from streamcoke.core.assign import biased_argmax, row_argmax  # noqa: E402
+from streamcoke.core.assign import row_argmax, scored_argmax  # noqa: E402
 from streamcoke.core.similarity import products  # noqa: E402
 
 
@@ -66,14 +68,14 @@ def main(argv=None) -> dict:
         return throughput(lambda i: torch.mm(Xd[batch(i)], Cd.T, out=out), b, n_steps=args.batches, sync=sync)
 
     def run_kernel():
-        out = torch.empty(b, K, device=dev)
-        return throughput(lambda i: products(Xd[batch(i)], Cd, out=out), b, n_steps=args.batches, sync=sync)
+        out, module = torch.empty(b, K, device=dev), cpu.avx512_kernel()
+        return throughput(lambda i: module.scores_into(Xd[batch(i)], Cd, out), b, n_steps=args.batches, sync=sync)
 
     def run_assign_only():
         out = torch.empty(b, K, device=dev)
-        if dev.type == "cpu" and cpu.kernels() is not None:  # the step's own argmax pass, with no duals
+        if dev.type == "cpu" and cpu.kernels() is not None:  # the step's own multiply-and-argmax call, no duals
             zeros = torch.zeros(K)
-            return throughput(lambda i: biased_argmax(products(Xd[batch(i)], Cd, out=out), zeros, (K,)), b,
+            return throughput(lambda i: scored_argmax(Xd[batch(i)], Cd, zeros, (K,), out=out), b,
                               n_steps=args.batches)
         return throughput(lambda i: row_argmax(products(Xd[batch(i)], Cd, out=out)), b, n_steps=args.batches,
                           sync=sync)
@@ -83,7 +85,8 @@ def main(argv=None) -> dict:
         return throughput(lambda i: km.partial_fit(Xd[batch(i)]), b, n_steps=args.batches, sync=sync)
 
     blas, kernel = "matmul (torch.mm, the BLAS)", "matmul (streamcoke.core.cpu AVX-512 kernel)"
-    has_kernel = dev.type == "cpu" and cpu.multiply_kernel() is not None
+    has_kernel = dev.type == "cpu" and cpu.avx512_kernel() is not None
+    step_multiply = kernel if dev.type == "cpu" and cpu.multiply_kernel() is not None else blas
     contenders = {blas: run_blas}
     if has_kernel:
         contenders[kernel] = run_kernel
@@ -111,7 +114,7 @@ def main(argv=None) -> dict:
             # counts, a dual step, certificate terms and running-mean update, on a fitted model's
             # state (centers held fixed). What a step compiled whole would come close to.
             from streamcoke.cluster._inputs import _all_finite
-            from streamcoke.core.assign import biased_argmax, flat_labels, label_counts
+            from streamcoke.core.assign import flat_labels, label_counts
             from streamcoke.core.centers import running_mean_step
             from streamcoke.core.certificate import batch_terms
             from streamcoke.core.duals import repeated_dual_steps
@@ -126,8 +129,8 @@ def main(argv=None) -> dict:
                 Xb = Xd[batch(i)]
                 _all_finite(Xb)
                 Xp = prepare(Xb, "cosine")
-                Z = products(Xp, s["centers"], out=out)
-                labels, best, _ = biased_argmax(Z, s["rho"] - s["mu"], sizes, 1.0, min(GAP_ROWS, b))
+                Z, labels, best, _ = scored_argmax(Xp, s["centers"], s["rho"] - s["mu"], sizes, 1.0,
+                                                   min(GAP_ROWS, b), out=out)
                 counts = label_counts(flat_labels(labels, sizes), None, K)
                 labels, best, counts, _, _, bias = repeated_dual_steps(
                     Z, 1.0, s["centers"], "cosine", s["rho"], s["mu"], lower, None, plan, sizes, None, float(b),
@@ -156,10 +159,10 @@ def main(argv=None) -> dict:
     info = machine()
     print(f"partial_fit, d={d}, K={K}, batch={b}, float32, device={dev} "
           f"({info.get('gpu', info['cpu'])}, {info['torch_threads']} threads), median of {args.rounds} rounds; "
-          f"floor = {floor_name}")
+          f"floor = {floor_name}; partial_fit multiplies with {step_multiply}")
     print(table(rows, ["method", "samples/s", "vs torch.mm", "vs floor", "vs scikit-learn"]))
     result = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": info, "rates": rates,
-              "floor": floor_name}
+              "floor": floor_name, "partial_fit multiply": step_multiply}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

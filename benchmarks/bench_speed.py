@@ -47,7 +47,7 @@ from common import (add_size_flags, capped_rate, interleaved, machine, optional_
 
 from streamcoke import OnlineConstrainedKMeans  # noqa: E402
 from streamcoke.core import cpu  # noqa: E402
-from streamcoke.core.similarity import KERNEL_MIN_ROWS, products  # noqa: E402
+from streamcoke.core.similarity import KERNEL_MIN_ROWS  # noqa: E402
 
 SIZES = {
     # base (d, K, b); K sweep at the d values listed; extra d and b sweeps at the base;
@@ -122,15 +122,15 @@ def bench_config(d: int, K: int, b: int, size: dict, dev: torch.device, peers: d
         return throughput(lambda i: km.partial_fit(Xd[rows(i)]), b, n_steps=steps, sync=sync)
 
     def run_kernel():
-        out = torch.empty(b, K, device=dev)
-        return throughput(lambda i: products(Xd[rows(i)], Cd, out=out), b, n_steps=steps, sync=sync)
+        out, module = torch.empty(b, K, device=dev), cpu.avx512_kernel()
+        return throughput(lambda i: module.scores_into(Xd[rows(i)], Cd, out), b, n_steps=steps, sync=sync)
 
     contenders = {MATMUL: run_matmul, OURS: run_ours}
     skipped = {}
-    if dev.type == "cpu" and cpu.multiply_kernel() is not None and b >= KERNEL_MIN_ROWS:
+    if dev.type == "cpu" and cpu.avx512_kernel() is not None and b >= KERNEL_MIN_ROWS:
         contenders[KERNEL] = run_kernel
     else:
-        skipped[KERNEL] = "the BLAS does the multiply here"
+        skipped[KERNEL] = "no AVX-512 kernel here"
     if b >= K:
         from sklearn.cluster import MiniBatchKMeans
 

@@ -11,21 +11,28 @@ import torch
 
 from streamcoke import MultiOnlineConstrainedKMeans, OnlineConstrainedKMeans
 from streamcoke.core import cpu
-from streamcoke.core.assign import biased_argmax
+from streamcoke.core.assign import biased_argmax, scored_argmax
 from streamcoke.core.centers import running_mean_step
 from streamcoke.core.cpu import use_cpu_kernels
 from streamcoke.core.similarity import KERNEL_MIN_ROWS, assigned_scores, prepare, products, score_terms, scores
 
 needs_kernels = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
-needs_multiply = pytest.mark.skipif(cpu.multiply_kernel() is None,
+needs_multiply = pytest.mark.skipif(cpu.avx512_kernel() is None,
                                     reason="no AVX-512 here (or no kernels): the BLAS does the multiply")
+
+
+@pytest.fixture
+def kernel_multiply(monkeypatch):
+    """``products`` through the AVX-512 kernel, also where the BLAS would be chosen."""
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, "kernel")
+    assert cpu.multiply_kernel() is not None
 
 
 @needs_multiply
 @pytest.mark.parametrize("n", [KERNEL_MIN_ROWS, 71, 72, 300])  # 72 rows are six whole row blocks
 @pytest.mark.parametrize("k", [1, 31, 32, 33, 100])  # partial, whole and partial-again panels
 @pytest.mark.parametrize("d", [1, 15, 16, 130])
-def test_the_multiply_matches_the_blas(n, k, d):
+def test_the_multiply_matches_the_blas(n, k, d, kernel_multiply):
     g = torch.Generator().manual_seed(n * 1000 + k * 10 + d)
     X, C = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     out = torch.full((n, k), float("nan"))
@@ -38,7 +45,7 @@ def test_the_multiply_matches_the_blas(n, k, d):
 
 
 @needs_multiply
-def test_the_multiply_takes_views_and_is_the_same_on_every_call():
+def test_the_multiply_takes_views_and_is_the_same_on_every_call(kernel_multiply):
     g = torch.Generator().manual_seed(0)
     X, C = torch.randn(200, 50, generator=g), torch.randn(70, 60, generator=g)
     a = products(X[:, :40], C[:, 10:50])  # neither is contiguous
@@ -55,8 +62,39 @@ def test_the_multiply_takes_views_and_is_the_same_on_every_call():
 
 
 @needs_multiply
+def test_the_multiply_is_chosen_by_processor_unless_told(monkeypatch):
+    module = cpu.avx512_kernel()
+    monkeypatch.delenv(cpu.MULTIPLY_FLAG, raising=False)
+    intel_with_mkl = module.is_intel() and torch.backends.mkl.is_available()
+    assert (cpu.multiply_kernel() is None) == intel_with_mkl
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, "blas")
+    assert cpu.multiply_kernel() is None
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, "kernel")
+    assert cpu.multiply_kernel() is module
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, "fast")
+    with pytest.raises(ValueError, match="STREAMCOKE_CPU_MULTIPLY='fast'"):
+        cpu.multiply_kernel()
+
+
+@needs_multiply
+def test_a_stream_is_the_same_with_either_multiply(monkeypatch):
+    X = np.random.default_rng(2).normal(size=(8 * 256, 24)).astype(np.float32)
+
+    def run(choice):
+        monkeypatch.setenv(cpu.MULTIPLY_FLAG, choice)
+        km = OnlineConstrainedKMeans(40, random_state=0, device="cpu")
+        labels = np.concatenate([km.partial_fit(X[i * 256:(i + 1) * 256]).labels_ for i in range(8)])
+        return km, labels
+
+    (a, la), (b, lb) = run("kernel"), run("blas")
+    assert np.mean(la == lb) > 0.999  # the two add a score's terms in different orders
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-5)
+    np.testing.assert_allclose(a.duals_, b.duals_, atol=1e-5)
+
+
+@needs_multiply
 def test_the_multiply_checks_its_arguments():
-    k = cpu.multiply_kernel()
+    k = cpu.avx512_kernel()
     X, C = torch.randn(80, 5), torch.randn(7, 5)
     with pytest.raises(RuntimeError, match="different numbers of features"):
         k.scores_into(X, torch.randn(7, 6), torch.empty(80, 7))
@@ -167,6 +205,29 @@ def test_biased_argmax_matches_torch(sizes, alpha):
     assert torch.equal(fast[1], ref[1])
     assert torch.allclose(fast[2], ref[2], rtol=1e-6, atol=1e-9)
     assert torch.equal(Z[:, -1], Z[:, 0])  # the scores are read, never written
+
+
+@needs_kernels
+@pytest.mark.parametrize("multiply", ["blas", "kernel"])
+@pytest.mark.parametrize("n,sizes", [(5, (7,)), (300, (1000,)), (1100, (300,)), (700, (5, 16, 40)), (0, (4,))])
+def test_scored_argmax_is_the_multiply_then_the_argmax(monkeypatch, multiply, n, sizes):
+    # 1100 rows against 300 centers: several chunks per thread (a chunk holds ~1 MiB of scores)
+    if multiply == "kernel" and cpu.avx512_kernel() is None:
+        pytest.skip("no AVX-512 here")
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, multiply)
+    g = torch.Generator().manual_seed(n + len(sizes))
+    K = sum(sizes)
+    X, C, bias = torch.randn(n, 24, generator=g), torch.randn(K, 24, generator=g), torch.rand(K, generator=g)
+    out = torch.full((n, K), float("nan"))
+    Z, labels, best, gap = scored_argmax(X, C, bias, sizes, 2.0, 256, out=out)
+    assert Z.data_ptr() == out.data_ptr()
+    ref_Z = products(X, C)
+    if multiply == "kernel":  # the same tiles in the same order
+        assert torch.equal(Z, ref_Z)
+    else:  # the BLAS called per chunk; whether it gives the whole call's bits is up to the BLAS
+        assert torch.allclose(Z, ref_Z, rtol=1e-5, atol=1e-5)
+    for got, want in zip((labels, best, gap), biased_argmax(Z, bias, sizes, 2.0, 256)):
+        assert torch.equal(got, want)
 
 
 @needs_kernels

@@ -22,13 +22,13 @@ from torch import Tensor
 
 from .. import distributed
 from ..core import catch_up
-from ..core.assign import assign, biased_argmax, flat_labels, head_offsets, label_counts
+from ..core.assign import assign, biased_argmax, flat_labels, head_offsets, label_counts, scored_argmax
 from ..core.centers import ema_update, member_sums, running_mean_step, running_mean_update
 from ..core.certificate import batch_terms
 from ..core.duals import dual_step, repeated_dual_steps
 from ..core.init import initial_centers
 from ..core.schedule import GAP_ROWS, constant_plan, default_plan, update_gap
-from ..core.similarity import label_scores, prepare, products, score_terms, scores
+from ..core.similarity import label_scores, prepare, score_terms, scores
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ._inputs import InputKind, as_features, as_weights
 
@@ -352,8 +352,8 @@ class BaseOnlineConstrainedKMeans(TransformerMixin, ClusterMixin, BaseEstimator)
         alpha, terms = score_terms(s["centers"], bias0, self.metric)
         use_default = self.dual_lr is None
         n_gap_rows = min(GAP_ROWS, n) if use_default else 0
-        Z = products(Xp, s["centers"], out=self._score_buffer(n, dev))
-        labels, best, batch_gap_sums = biased_argmax(Z, terms, sizes, alpha, n_gap_rows)
+        Z, labels, best, batch_gap_sums = scored_argmax(Xp, s["centers"], terms, sizes, alpha, n_gap_rows,
+                                                        out=self._score_buffer(n, dev))
         rows = flat_labels(labels, sizes)
         local_counts = self._counts(rows, w)
 

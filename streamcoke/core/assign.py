@@ -17,7 +17,7 @@ from torch import Tensor
 from . import cpu
 from .centers import scatter_sum
 from .schedule import gap_sums
-from .similarity import products, row_offset, score_terms
+from .similarity import KERNEL_MIN_ROWS, products, row_offset, score_terms
 
 
 def head_offsets(sizes: Sequence[int]) -> list[int]:
@@ -52,7 +52,7 @@ def assign(
     best : (n, n_heads) ``max_k (s_ik + bias_k)`` with the true scores ``s`` (for certificates).
     """
     alpha, b = score_terms(centers, bias, metric)
-    labels, best, _ = biased_argmax(products(X, centers), b, sizes, alpha)
+    _, labels, best, _ = scored_argmax(X, centers, b, sizes, alpha)
     offset = row_offset(X, metric)
     return labels, best if offset is None else best + offset.unsqueeze(1)
 
@@ -80,6 +80,26 @@ def biased_argmax(Z: Tensor, bias: Tensor, sizes: Sequence[int], alpha: float = 
     gap = gap_sums(Zb, labels, sizes, gap_rows) if gap_rows > 0 else torch.zeros(2 * len(sizes),
                                                                                  dtype=torch.float64)
     return labels, winning_scores(Zb, labels, sizes), gap.to(Z.device)
+
+
+def scored_argmax(X: Tensor, centers: Tensor, bias: Tensor, sizes: Sequence[int], alpha: float = 1.0,
+                  gap_rows: int = 0, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``Z = products(X, centers, out)`` and :func:`biased_argmax` of it: ``(Z, labels, best, gap)``.
+
+    On the CPU one call of :mod:`streamcoke.core.cpu` does both, each thread reading its chunk of
+    ``Z`` back while the chunk is still in the core's cache (the same multiply as
+    :func:`~streamcoke.core.similarity.products`, and the same results).
+    """
+    kernels = cpu.kernels() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 else None
+    if kernels is None:
+        Z = products(X, centers, out=out)
+        return (Z, *biased_argmax(Z, bias, sizes, alpha, gap_rows))
+    if out is None or not out.is_contiguous():
+        out = torch.empty((X.shape[0], centers.shape[0]), dtype=torch.float32)
+    use_kernel = X.shape[0] >= KERNEL_MIN_ROWS and cpu.multiply_kernel() is not None
+    labels, best, gap = kernels.scored_argmax(X.contiguous(), centers.contiguous(), out, bias.contiguous(),
+                                              float(alpha), list(sizes), int(gap_rows), use_kernel)
+    return out, labels, best, gap
 
 
 def head_argmax(Z: Tensor, sizes: Sequence[int]) -> Tensor:

@@ -40,9 +40,10 @@ def prepare(X: Tensor, metric: str) -> Tensor:
 def products(X: Tensor, centers: Tensor, out: Tensor | None = None) -> Tensor:
     """``X @ centers.T``, shape ``(n_samples, n_centers)``, into ``out`` when given.
 
-    On a CPU with AVX-512 the multiply of :mod:`streamcoke.core.cpu` runs it for batches of
-    ``KERNEL_MIN_ROWS`` rows or more (below that, repacking the centers costs more than it
-    saves), elsewhere torch's BLAS; the two agree to float32 rounding (they add the features in
+    Where :func:`streamcoke.core.cpu.multiply_kernel` picks it (a CPU with AVX-512 whose BLAS is
+    the slower, as on AMD processors), the multiply of :mod:`streamcoke.core.cpu` runs it for
+    batches of ``KERNEL_MIN_ROWS`` rows or more (below that, repacking the centers costs more than
+    it saves), elsewhere torch's BLAS; the two agree to float32 rounding (they add the features in
     different orders).
     """
     kernel = cpu.multiply_kernel() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 \

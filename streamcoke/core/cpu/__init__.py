@@ -3,8 +3,9 @@
 On the CPU, what follows the scoring multiply (a per-head argmax over the score matrix, the
 score-gap statistic, the running-mean center update) costs as much as half the multiply again
 as a chain of torch operations. ``step.cpp`` does it in one pass over the scores and one over the
-centers. On processors with AVX-512 it also does the multiply itself: on some of them (AMD EPYC,
-measured) the BLAS that torch ships reaches about half the rate of its register-blocked kernel.
+centers. On processors with AVX-512 it can also do the multiply itself: on AMD EPYC (measured)
+the BLAS that torch ships reaches about half the rate of its register-blocked kernel, while on
+an Intel Xeon (measured) that BLAS, MKL, is the faster; :func:`multiply_kernel` picks.
 ``tar_scan.cpp`` holds one more kernel, for the shard reader: the header checks of
 :mod:`streamcoke.data.tar_rows`. The module is compiled once per machine with torch's
 extension builder (a C++ compiler with OpenMP and ninja are needed; the build is cached under
@@ -29,6 +30,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("step.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("tar_scan.cpp"))  # step.cpp holds the module's bindings
 ENV_FLAG = "STREAMCOKE_CPU_KERNELS"
+MULTIPLY_FLAG = "STREAMCOKE_CPU_MULTIPLY"
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -77,11 +79,39 @@ def kernels():
     return _module
 
 
-def multiply_kernel():
-    """The compiled module where its AVX-512 multiply runs on this processor, else None (the
-    BLAS does the multiply)."""
+def avx512_kernel():
+    """The compiled module where its AVX-512 multiply can run on this processor, else None."""
     module = kernels()
     return module if module is not None and module.has_avx512() else None
+
+
+def multiply_kernel():
+    """The compiled module where its AVX-512 multiply is the one to use, else None (the BLAS
+    does the multiply).
+
+    ``STREAMCOKE_CPU_MULTIPLY`` chooses: ``auto`` (the default) takes the kernel on processors
+    with AVX-512 unless they are Intel processors and torch's BLAS is MKL, which is the faster
+    there; ``kernel`` takes it wherever it runs; ``blas`` never does. The choice decides the
+    order in which a score's terms are added, and so its last bits: a model continues
+    bit-identically where the choice is the same.
+    """
+    module = avx512_kernel()
+    if module is None:
+        return None
+    choice = os.environ.get(MULTIPLY_FLAG, "auto")
+    if choice == "kernel":
+        return module
+    if choice == "blas":
+        return None
+    if choice != "auto":
+        raise ValueError(f"{MULTIPLY_FLAG}={choice!r} is not one of 'auto', 'kernel', 'blas'")
+    return None if module.is_intel() and _blas_is_mkl() else module
+
+
+def _blas_is_mkl() -> bool:
+    import torch
+
+    return torch.backends.mkl.is_available()
 
 
 @contextlib.contextmanager

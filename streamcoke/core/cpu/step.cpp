@@ -4,8 +4,8 @@
 // matrix, the (K, d) centers and O(K) state, which as a chain of torch operations costs more than
 // half the multiply again (every operation is one more pass over memory, one more dispatch and
 // one more thread fork-join). Here each part is one pass, split across torch's threads. On
-// processors with AVX-512 the multiply itself is here too (scores_into); elsewhere the BLAS
-// (torch.mm) does it.
+// processors with AVX-512 the multiply itself is here too (scores_into), used where it beats the
+// BLAS (torch.mm): on AMD processors, not on Intel ones.
 //
 // Every kernel has a torch reference implementation in streamcoke/core (the GPU path and the
 // fallback); the tests check that the two agree.
@@ -271,34 +271,39 @@ std::vector<int64_t> head_starts(const std::vector<int64_t>& sizes) {
   return offsets;
 }
 
-// The score-gap statistic over the first gap_rows rows of the raw scores z (row stride
-// sum(sizes)), given each row's winners: per head, the summed difference between the best and
-// the second-best biased score, then the summed magnitude of the best one (float64, 2H).
-at::Tensor gap_statistic(const float* z, const float* b, float a, const std::vector<int64_t>& sizes,
-                         const std::vector<int64_t>& offsets, int64_t gap_rows, const int64_t* lab,
-                         const float* top, const at::TensorOptions& options) {
-  const int64_t H = static_cast<int64_t>(sizes.size());
-  int64_t ktot = 0;
-  for (int64_t k : sizes) ktot += k;
-  std::vector<float> second(static_cast<size_t>(gap_rows * H));
-  at::parallel_for(0, gap_rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* row = z + i * ktot;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = offsets[h], k = sizes[h], j = lab[i * H + h];
-        // Second best: the best of the columns either side of the winner.
-        float s = top[i * H + h];
-        if (k > 1) {
-          const float left = j > 0 ? biased_max(row + o, b + o, a, j) : -std::numeric_limits<float>::infinity();
-          const float right = j + 1 < k ? biased_max(row + o + j + 1, b + o + j + 1, a, k - j - 1)
-                                        : -std::numeric_limits<float>::infinity();
-          s = left > right ? left : right;
-        }
-        second[i * H + h] = s;
-      }
+// Row i's per-head argmax of alpha * z + b: labels (counted within each head) into lab[0 .. H),
+// the winning values into top[0 .. H).
+void argmax_heads(const float* row, const float* b, float a, const std::vector<int64_t>& sizes,
+                  const std::vector<int64_t>& offsets, int64_t* lab, float* top) {
+  for (size_t h = 0; h < sizes.size(); ++h) {
+    int64_t j = 0;
+    top[h] = biased_argmax_row(row + offsets[h], b + offsets[h], a, sizes[h], &j);
+    lab[h] = j;
+  }
+}
+
+// Row i's per-head second-best biased score, given its winners: the best of the columns either
+// side of the winner (the winner itself for a head of one column).
+void second_heads(const float* row, const float* b, float a, const std::vector<int64_t>& sizes,
+                  const std::vector<int64_t>& offsets, const int64_t* lab, const float* top, float* second) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (size_t h = 0; h < sizes.size(); ++h) {
+    const int64_t o = offsets[h], k = sizes[h], j = lab[h];
+    float s = top[h];
+    if (k > 1) {
+      const float left = j > 0 ? biased_max(row + o, b + o, a, j) : ninf;
+      const float right = j + 1 < k ? biased_max(row + o + j + 1, b + o + j + 1, a, k - j - 1) : ninf;
+      s = left > right ? left : right;
     }
-  });
-  // Summed in row order, so the statistic does not depend on the thread count.
+    second[h] = s;
+  }
+}
+
+// The score-gap statistic from the winners `top` and the second-best values of the first
+// gap_rows rows: per head, the summed difference between the two, then the summed magnitude of
+// the best one (float64, 2H). Summed in row order, so it does not depend on the thread count.
+at::Tensor gap_sums_in_order(const float* top, const float* second, int64_t gap_rows, int64_t H,
+                             const at::TensorOptions& options) {
   auto gap = at::zeros({2 * H}, options.dtype(at::kDouble));
   double* g = gap.data_ptr<double>();
   for (int64_t i = 0; i < gap_rows; ++i) {
@@ -314,9 +319,10 @@ at::Tensor gap_statistic(const float* z, const float* b, float a, const std::vec
 // ---------------------------------------------------------------------------------- the multiply
 //
 // Z = X C^T for the shapes of this step (a batch of a few thousand rows, d in the tens to low
-// thousands, K centers), with AVX-512 where the processor has it. On some processors with
-// 512-bit units (AMD EPYC, measured) the BLAS that torch ships reaches about half the rate of
-// this register-blocked kernel, which keeps both FMA pipes busy.
+// thousands, K centers), with AVX-512 where the processor has it. On AMD processors with
+// 512-bit units (EPYC, measured) the BLAS that torch ships reaches about half the rate of this
+// register-blocked kernel, which keeps both FMA pipes busy; on Intel ones that BLAS is the
+// faster (measured on a Xeon of the Emerald Rapids generation), and the callers use it there.
 // Every entry is the sum over the features in order, one fused multiply-add per term.
 //
 // Layout: the centers are repacked per call into panels of kPanel columns, each panel stored
@@ -330,6 +336,17 @@ constexpr int64_t kRows = 12;
 bool has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether this is an Intel processor, where the BLAS that torch ships on x86 (MKL) multiplies
+// faster than the kernel below and so does the multiply instead.
+bool is_intel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_is("intel");
   return yes;
 #else
   return false;
@@ -387,17 +404,18 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t d, c
   }
 }
 
-// Z = X C^T into z (row stride K), panel group by panel group, row blocks split across threads.
-void multiply(const float* x, int64_t n, int64_t d, const float* c, int64_t K, float* z) {
+// The centers packed into panels, in a buffer reused across calls (per calling thread): a fresh
+// buffer of this size costs a page fault per 4 KiB, which for small batches is more than the
+// multiply. Only up to kKeepFloats is kept; larger center matrices get a buffer of their own per
+// call (`own`). The worker threads see the buffer through the pointer, not their own copy of the
+// thread-local.
+float* packed_centers(const float* c, int64_t K, int64_t d, std::vector<float>& own) {
   const int64_t P = (K + kPanel - 1) / kPanel;
-  // Reused across calls (per calling thread): a fresh buffer of this size costs a page fault
-  // per 4 KiB, which for small batches is more than the multiply. Only up to kKeepFloats is
-  // kept; larger center matrices get a buffer of their own per call. The worker threads see the
-  // buffer through the pointer, not their own copy of the thread-local.
   constexpr size_t kKeepFloats = size_t{8} << 20;  // 32 MiB
-  const size_t need = static_cast<size_t>(P * d * kPanel);
+  // 16 floats more than the panels, so that they can start on a 64-byte boundary: every panel
+  // row is then one cache line (a row that straddles two costs two loads on some processors).
+  const size_t need = static_cast<size_t>(P * d * kPanel) + 16;
   thread_local std::vector<float> kept;
-  std::vector<float> own;
   float* packed;
   if (need <= kKeepFloats) {
     if (kept.size() < need) kept.resize(need);
@@ -406,27 +424,44 @@ void multiply(const float* x, int64_t n, int64_t d, const float* c, int64_t K, f
     own.resize(need);
     packed = own.data();
   }
+  packed += (16 - (reinterpret_cast<uintptr_t>(packed) / sizeof(float)) % 16) % 16;
   at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) { pack_panels(c, K, d, packed, p0, p1); });
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  // Panels in groups that stay in the core's cache while every row block of the thread passes.
+  return packed;
+}
+
+// Rows [r0, r1) of Z = X C^T (r0 a multiple of kRows) on the calling thread, panel group by
+// panel group; `pad` holds kRows * d floats. Every entry is computed the same way whatever the
+// row range, so the caller may split the rows as it likes.
+void multiply_rows(const float* x, int64_t r0, int64_t r1, int64_t n, int64_t d, const float* packed, int64_t K,
+                   float* z, std::vector<float>& pad) {
+  const int64_t P = (K + kPanel - 1) / kPanel;
+  // Panels in groups that stay in the core's cache while every row block of the range passes.
   const int64_t group = std::max<int64_t>(1, (256 * 1024) / (d * kPanel * 4));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> pad(static_cast<size_t>(kRows * d), 0.0f);
-    for (int64_t g0 = 0; g0 < P; g0 += group) {
-      const int64_t g1 = std::min(P, g0 + group);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kRows, rows = std::min(kRows, n - r0);
-        const float* xb = x + r0 * d;
-        if (rows < kRows) {  // the last, short block reads from a zero-padded copy
-          std::copy(xb, xb + rows * d, pad.begin());
-          xb = pad.data();
-        }
-        for (int64_t p = g0; p < g1; ++p) {
-          tile_avx512(xb, d, packed + p * d * kPanel, z + r0 * K + p * kPanel, K, rows,
-                      std::min(kPanel, K - p * kPanel));
-        }
+  for (int64_t g0 = 0; g0 < P; g0 += group) {
+    const int64_t g1 = std::min(P, g0 + group);
+    for (int64_t i = r0; i < r1; i += kRows) {
+      const int64_t rows = std::min(kRows, n - i);
+      const float* xb = x + i * d;
+      if (rows < kRows) {  // the last, short block reads from a zero-padded copy
+        std::fill(pad.begin(), pad.end(), 0.0f);
+        std::copy(xb, xb + rows * d, pad.begin());
+        xb = pad.data();
+      }
+      for (int64_t p = g0; p < g1; ++p) {
+        tile_avx512(xb, d, packed + p * d * kPanel, z + i * K + p * kPanel, K, rows, std::min(kPanel, K - p * kPanel));
       }
     }
+  }
+}
+
+// Z = X C^T into z (row stride K), row blocks split across threads.
+void multiply(const float* x, int64_t n, int64_t d, const float* c, int64_t K, float* z) {
+  std::vector<float> own;
+  const float* packed = packed_centers(c, K, d, own);
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> pad(static_cast<size_t>(kRows * d), 0.0f);
+    multiply_rows(x, b0 * kRows, std::min(n, b1 * kRows), n, d, packed, K, z, pad);
   });
 }
 #endif
@@ -484,19 +519,83 @@ std::vector<at::Tensor> biased_argmax(const at::Tensor& Z, const at::Tensor& bia
   int64_t* lab = labels.data_ptr<int64_t>();
   float* top = best.data_ptr<float>();
 
+  std::vector<float> second(static_cast<size_t>(gap_rows * H));
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float* row = z + i * ktot;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t o = offsets[h], k = sizes[h];
-        int64_t j = 0;
-        const float m = biased_argmax_row(row + o, b + o, a, k, &j);
-        lab[i * H + h] = j;
-        top[i * H + h] = m;
+      argmax_heads(row, b, a, sizes, offsets, lab + i * H, top + i * H);
+      if (i < gap_rows) second_heads(row, b, a, sizes, offsets, lab + i * H, top + i * H, second.data() + i * H);
+    }
+  });
+  return {labels, best, gap_sums_in_order(top, second.data(), gap_rows, H, Z.options())};
+}
+
+// Z = X C^T into `out` and its per-head biased argmax, as scores_into (or the BLAS) then
+// biased_argmax would give them, in one pass: each thread takes a contiguous share of the rows
+// and, chunk by chunk, multiplies a chunk and reads it back while it is still in the core's
+// cache, where two passes read the whole score matrix back from memory. The multiply is the
+// AVX-512 kernel (kernel = true) or the BLAS (at::mm_out on each chunk, one thread each).
+// Returns labels, best and gap as biased_argmax does.
+std::vector<at::Tensor> scored_argmax(const at::Tensor& X, const at::Tensor& C, at::Tensor& out,
+                                      const at::Tensor& bias, double alpha, const std::vector<int64_t>& sizes,
+                                      int64_t gap_rows, bool kernel) {
+  check_cpu_float(X, "X", 2);
+  check_cpu_float(C, "centers", 2);
+  check_cpu_float(out, "out", 2);
+  check_cpu_float(bias, "bias", 1);
+  const int64_t n = X.size(0), d = X.size(1), K = C.size(0), H = static_cast<int64_t>(sizes.size());
+  TORCH_CHECK(C.size(1) == d, "X and centers have different numbers of features");
+  TORCH_CHECK(out.size(0) == n && out.size(1) == K, "out must have shape (n, K)");
+  int64_t total = 0;
+  for (int64_t k : sizes) total += k;
+  TORCH_CHECK(total == K && bias.size(0) == K, "sizes do not add up to the centers");
+  TORCH_CHECK(!kernel || has_avx512(), "this processor has no AVX-512; use the BLAS");
+  gap_rows = std::min(std::max<int64_t>(gap_rows, 0), n);
+
+  auto labels = at::empty({n, H}, X.options().dtype(at::kLong));
+  auto best = at::empty({n, H}, X.options());
+  std::vector<float> second(static_cast<size_t>(gap_rows * H));
+  if (n == 0) return {labels, best, at::zeros({2 * H}, X.options().dtype(at::kDouble))};
+  const std::vector<int64_t> offsets = head_starts(sizes);
+  const float* x = X.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  float* z = out.data_ptr<float>();
+  int64_t* lab = labels.data_ptr<int64_t>();
+  float* top = best.data_ptr<float>();
+
+  std::vector<float> own;
+  const float* packed = nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kernel && d > 0) packed = packed_centers(C.data_ptr<float>(), K, d, own);
+#endif
+  const at::Tensor Ct = C.t();
+  // About 1 MiB of scores per chunk (whole row blocks of the kernel): it stays in the core's L2.
+  const int64_t chunk = std::max<int64_t>(kRows, (int64_t{1} << 20) / (4 * std::max<int64_t>(K, 1)) / kRows * kRows);
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> pad(static_cast<size_t>(kRows * d), 0.0f);
+    const int64_t begin = b0 * kRows, end = std::min(n, b1 * kRows);
+    for (int64_t r0 = begin; r0 < end; r0 += chunk) {
+      const int64_t r1 = std::min(end, r0 + chunk);
+      if (d == 0) {
+        std::fill(z + r0 * K, z + r1 * K, 0.0f);
+      } else if (kernel) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        multiply_rows(x, r0, r1, n, d, packed, K, z, pad);
+#endif
+      } else {
+        at::Tensor part = out.narrow(0, r0, r1 - r0);
+        at::mm_out(part, X.narrow(0, r0, r1 - r0), Ct);
+      }
+      for (int64_t i = r0; i < r1; ++i) {
+        const float* row = z + i * K;
+        argmax_heads(row, b, a, sizes, offsets, lab + i * H, top + i * H);
+        if (i < gap_rows) second_heads(row, b, a, sizes, offsets, lab + i * H, top + i * H, second.data() + i * H);
       }
     }
   });
-  return {labels, best, gap_statistic(z, b, a, sizes, offsets, gap_rows, lab, top, Z.options())};
+  return {labels, best, gap_sums_in_order(top, second.data(), gap_rows, H, X.options())};
 }
 
 // Fold a batch's members into the epoch's running means (center_update="mean").
@@ -828,8 +927,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object, so other Python threads (data loaders) run meanwhile.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("has_avx512", &has_avx512, "Whether this processor runs the AVX-512 multiply");
+  m.def("is_intel", &is_intel, "Whether this is an Intel processor");
   m.def("scores_into", &scores_into, "Z = X C^T into out (AVX-512)", nogil);
   m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
+  m.def("scored_argmax", &scored_argmax, "Z = X C^T and its per-head biased argmax in one pass", nogil);
   m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
   m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
   m.def("normalize_rows", &normalize_rows, "Rows scaled to unit length", nogil);
