@@ -9,9 +9,10 @@ floor of any k-means step, which shows how much of the gap to the multiply is th
 over the score matrix and how much the rest of the step; on the CPU the step's own
 multiply-and-argmax call, which reads each chunk of scores back while it is in cache, with no
 duals; elsewhere torch's multiply then argmax), our ``partial_fit`` on torch and on
-numpy input (and, on the CPU, with the kernels of ``streamcoke.core.cpu`` switched off, which
-shows what they save, and the step's compiled calls alone, back to back, which shows what the
-estimator's Python bookkeeping costs), and scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown
+numpy input; on the CPU also ``partial_fit`` with the other of the two multiplies (what the
+choice gains), with the kernels of ``streamcoke.core.cpu`` switched off (what they save) and the
+step's compiled calls alone, back to back (what the estimator's Python bookkeeping costs); and
+scikit-learn's ``MiniBatchKMeans.partial_fit``. Prints a Markdown
 table of samples/s and ratios; writes ``benchmarks/results/partial_fit_<device>.json``.
 
     python benchmarks/bench_partial_fit.py                 # d=128, K=1000, batch 1024, CPU
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,7 +143,21 @@ def main(argv=None) -> dict:
 
             return throughput(step, b, n_steps=args.batches)
 
+        def run_ours_other_multiply():  # the multiply partial_fit does not choose here
+            previous = os.environ.get(cpu.MULTIPLY_FLAG)
+            os.environ[cpu.MULTIPLY_FLAG] = "blas" if step_multiply == kernel else "kernel"
+            try:
+                return run_ours_torch()
+            finally:
+                if previous is None:
+                    del os.environ[cpu.MULTIPLY_FLAG]
+                else:
+                    os.environ[cpu.MULTIPLY_FLAG] = previous
+
         contenders["streamcoke partial_fit (numpy)"] = run_ours_numpy
+        if has_kernel:
+            other = "torch.mm" if step_multiply == kernel else "the AVX-512 kernel"
+            contenders[f"streamcoke partial_fit (torch), multiplying with {other} instead"] = run_ours_other_multiply
         if cpu.kernels() is not None:
             contenders["streamcoke partial_fit (torch, fused CPU kernels off)"] = run_ours_torch_ops
             contenders["the step's compiled calls alone (no bookkeeping)"] = run_kernels_only
@@ -158,7 +174,7 @@ def main(argv=None) -> dict:
             r["vs scikit-learn"] = r["samples/s"] / sk
     info = machine()
     print(f"partial_fit, d={d}, K={K}, batch={b}, float32, device={dev} "
-          f"({info.get('gpu', info['cpu'])}, {info['torch_threads']} threads), median of {args.rounds} rounds; "
+          f"({info.get('gpu', info['cpu'] + ', ' + info['cpu_id'])}, {info['torch_threads']} threads), median of {args.rounds} rounds; "
           f"floor = {floor_name}; partial_fit multiplies with {step_multiply}")
     print(table(rows, ["method", "samples/s", "vs torch.mm", "vs floor", "vs scikit-learn"]))
     result = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": info, "rates": rates,

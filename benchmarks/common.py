@@ -23,12 +23,33 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_name(),
+        "cpu_id": _cpu_id(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_id() -> str:
+    """Vendor, family and model, and the widest vector extension: machines that share a
+    model name (as virtual ones often do) can still be told apart."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if len(fields) == 4:
+                break
+    except OSError:
+        return platform.machine() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {vector}")
 
 
 def _cpu_name() -> str:

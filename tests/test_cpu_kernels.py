@@ -228,6 +228,12 @@ def test_scored_argmax_is_the_multiply_then_the_argmax(monkeypatch, multiply, n,
         assert torch.allclose(Z, ref_Z, rtol=1e-5, atol=1e-5)
     for got, want in zip((labels, best, gap), biased_argmax(Z, bias, sizes, 2.0, 256)):
         assert torch.equal(got, want)
+    if n and multiply == "kernel":  # chunks of one row block each, taken by the threads in turn
+        Z12 = torch.empty_like(Z)
+        got = cpu.kernels().scored_argmax(X, C, Z12, bias, 2.0, list(sizes), 256, True, 12)
+        assert torch.equal(Z12, Z)
+        for a, b in zip(got, (labels, best, gap)):
+            assert torch.equal(a, b)
 
 
 @needs_kernels

@@ -98,7 +98,7 @@ def scored_argmax(X: Tensor, centers: Tensor, bias: Tensor, sizes: Sequence[int]
         out = torch.empty((X.shape[0], centers.shape[0]), dtype=torch.float32)
     use_kernel = X.shape[0] >= KERNEL_MIN_ROWS and cpu.multiply_kernel() is not None
     labels, best, gap = kernels.scored_argmax(X.contiguous(), centers.contiguous(), out, bias.contiguous(),
-                                              float(alpha), list(sizes), int(gap_rows), use_kernel)
+                                              float(alpha), list(sizes), int(gap_rows), use_kernel, 0)
     return out, labels, best, gap
 
 

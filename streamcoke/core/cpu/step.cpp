@@ -531,14 +531,15 @@ std::vector<at::Tensor> biased_argmax(const at::Tensor& Z, const at::Tensor& bia
 }
 
 // Z = X C^T into `out` and its per-head biased argmax, as scores_into (or the BLAS) then
-// biased_argmax would give them, in one pass: each thread takes a contiguous share of the rows
-// and, chunk by chunk, multiplies a chunk and reads it back while it is still in the core's
-// cache, where two passes read the whole score matrix back from memory. The multiply is the
-// AVX-512 kernel (kernel = true) or the BLAS (at::mm_out on each chunk, one thread each).
-// Returns labels, best and gap as biased_argmax does.
+// biased_argmax would give them, in one pass: the threads take chunks of rows in turn, and each
+// multiplies its chunk and reads it back while it is still in the core's cache, where two
+// passes read the whole score matrix back from memory. The multiply is the AVX-512 kernel
+// (kernel = true; every entry the same whatever the chunks) or the BLAS (at::mm_out on each
+// chunk, one thread each). chunk_rows: rows per chunk, 0 for the default. Returns labels, best
+// and gap as biased_argmax does.
 std::vector<at::Tensor> scored_argmax(const at::Tensor& X, const at::Tensor& C, at::Tensor& out,
                                       const at::Tensor& bias, double alpha, const std::vector<int64_t>& sizes,
-                                      int64_t gap_rows, bool kernel) {
+                                      int64_t gap_rows, bool kernel, int64_t chunk_rows) {
   check_cpu_float(X, "X", 2);
   check_cpu_float(C, "centers", 2);
   check_cpu_float(out, "out", 2);
@@ -570,14 +571,22 @@ std::vector<at::Tensor> scored_argmax(const at::Tensor& X, const at::Tensor& C, 
   if (kernel && d > 0) packed = packed_centers(C.data_ptr<float>(), K, d, own);
 #endif
   const at::Tensor Ct = C.t();
-  // About 1 MiB of scores per chunk (whole row blocks of the kernel): it stays in the core's L2.
-  const int64_t chunk = std::max<int64_t>(kRows, (int64_t{1} << 20) / (4 * std::max<int64_t>(K, 1)) / kRows * kRows);
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  int64_t chunk = chunk_rows;
+  if (chunk <= 0) {
+    // Chunks of at most about 1 MiB of scores, so that one stays in the core's L2, as few as
+    // that allows (the BLAS is slower on small ones) and the same number for every thread.
+    const int64_t T = at::get_num_threads();
+    const int64_t in_cache = std::max<int64_t>(1, (int64_t{1} << 20) / (4 * std::max<int64_t>(K, 1)));
+    const int64_t count = T * ((n + T * in_cache - 1) / (T * in_cache));
+    chunk = ((n + count - 1) / count + kRows - 1) / kRows * kRows;
+  }
+  chunk = std::max<int64_t>(kRows, chunk / kRows * kRows);  // whole row blocks of the kernel
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> pad(static_cast<size_t>(kRows * d), 0.0f);
-    const int64_t begin = b0 * kRows, end = std::min(n, b1 * kRows);
-    for (int64_t r0 = begin; r0 < end; r0 += chunk) {
-      const int64_t r1 = std::min(end, r0 + chunk);
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) {
+      const int64_t r0 = c * chunk, r1 = std::min(n, r0 + chunk);
       if (d == 0) {
         std::fill(z + r0 * K, z + r1 * K, 0.0f);
       } else if (kernel) {
