@@ -161,7 +161,7 @@ class _Decode:
         ok = finite_rows(X, keys, url, self.handler)
         if ok is not None:
             X, keys = X[ok], keys[ok]
-        return _Block(keys, X) if len(X) else None
+        return _Block(keys, X, owned=True) if len(X) else None
 
     def _decode(self, sample):
         field = next((f for f in self.fields if f in sample), None)
@@ -208,10 +208,14 @@ def _tar_samples(handler: Callable, rows_field: str | None = None):
 
 
 class _Block(tuple):
-    """``(ids, rows)`` of a block sample, told apart from a single ``(key, row)`` sample."""
+    """``(ids, rows)`` of a block sample, told apart from a single ``(key, row)`` sample.
+    ``owned``: the rows are an array of their own (a run of one-row samples), not a view of the
+    tar bytes, so a batch may view them without a copy."""
 
-    def __new__(cls, ids, X):
-        return super().__new__(cls, (ids, X))
+    def __new__(cls, ids, X, owned: bool = False):
+        block = super().__new__(cls, (ids, X))
+        block.owned = owned
+        return block
 
 
 def _batched_rows(batch_size: int):
@@ -220,17 +224,17 @@ def _batched_rows(batch_size: int):
     ids are a numpy array: the keys of rows that came alone, the ids of block rows."""
 
     def stage(items):
-        pieces: list[tuple] = []  # (ids, rows, is_block)
+        pieces: list[tuple] = []  # (ids, rows, is_block, owned)
         held = 0
 
         def emit():
-            if len(pieces) == 1 and pieces[0][2]:  # one block piece: copy it (it views the tar bytes)
-                ids, X = pieces[0][0], np.array(pieces[0][1], dtype=np.float32)
-            elif not any(blk for _, _, blk in pieces):
-                ids, X = np.asarray([k for k, _, _ in pieces]), np.stack([x for _, x, _ in pieces])
+            if len(pieces) == 1 and pieces[0][2]:  # one block piece: a copy where it views the tar bytes
+                ids, X = pieces[0][0], pieces[0][1] if pieces[0][3] else np.array(pieces[0][1], dtype=np.float32)
+            elif not any(blk for _, _, blk, _ in pieces):
+                ids, X = np.asarray([k for k, _, _, _ in pieces]), np.stack([x for _, x, _, _ in pieces])
             else:
-                ids = np.concatenate([i if blk else np.asarray([i]) for i, _, blk in pieces])
-                X = np.concatenate([x if blk else x[None] for _, x, blk in pieces]).astype(np.float32, copy=False)
+                ids = np.concatenate([i if blk else np.asarray([i]) for i, _, blk, _ in pieces])
+                X = np.concatenate([x if blk else x[None] for _, x, blk, _ in pieces]).astype(np.float32, copy=False)
             return ids, torch.from_numpy(X)
 
         for item in items:
@@ -238,14 +242,14 @@ def _batched_rows(batch_size: int):
                 ids, X = item
                 while len(X):
                     take = min(batch_size - held, len(X))
-                    pieces.append((ids[:take], X[:take], True))
+                    pieces.append((ids[:take], X[:take], True, item.owned))
                     held += take
                     ids, X = ids[take:], X[take:]
                     if held == batch_size:
                         yield emit()
                         pieces, held = [], 0
             else:
-                pieces.append((item[0], item[1], False))
+                pieces.append((item[0], item[1], False, False))
                 held += 1
                 if held == batch_size:
                     yield emit()
