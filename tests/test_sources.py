@@ -7,6 +7,7 @@ import io
 import os
 import re
 import tarfile
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -221,6 +222,21 @@ def test_block_shards_round_trip(tmp_path, X):
     k0, F0 = collect(WebDatasetSource(pattern, batch_size=10, shuffle=4, seed=1))
     assert sorted(k0) == list(range(103)) and k0 != list(range(103))  # blocks shuffled
     np.testing.assert_array_equal(F0, X[k0])
+
+
+def test_whole_block_batches_from_local_and_streamed_shards(tmp_path, X):
+    # One block a batch: local shards hand the member's own buffer on, streamed ones (bytes,
+    # read-only) a copy; both give the rows, as writable tensors, one batch apart from the next.
+    pattern = write_array_shards(X, str(tmp_path / "b"), maxcount=48, rows_per_sample=16)
+    shards = sorted(str(p) for p in tmp_path.glob("b-*.tar"))
+    for urls in (pattern, [f"pipe:cat {p}" for p in shards]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+            batches = list(WebDatasetSource(urls, batch_size=16))
+        assert [len(b.ids) for b in batches] == [16] * 6 + [7]
+        np.testing.assert_array_equal(np.concatenate([b.features.numpy() for b in batches]), X)
+        batches[0].features.add_(1.0)  # each batch is its own memory
+        np.testing.assert_array_equal(batches[1].features.numpy(), X[16:32])
 
 
 def test_block_bad_rows_and_mixed_layouts(tmp_path, X):

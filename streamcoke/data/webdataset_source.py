@@ -141,7 +141,9 @@ class _Decode:
         ok = finite_rows(X, ids, url, self.handler)
         if ok is not None:
             X, ids = X[ok], ids[ok]
-        return _Block(ids, X) if len(X) else None
+        # Writable rows are a copy or a view of the member's own buffer (local shards are read
+        # into a fresh bytearray each member); read-only ones view bytes that torch cannot wrap.
+        return _Block(ids, X, owned=bool(X.flags.writeable)) if len(X) else None
 
     def _rows(self, sample) -> "_Block | None":
         """A run of one-row samples read as an array (:mod:`.tar_rows`): the checks of
@@ -209,8 +211,8 @@ def _tar_samples(handler: Callable, rows_field: str | None = None):
 
 class _Block(tuple):
     """``(ids, rows)`` of a block sample, told apart from a single ``(key, row)`` sample.
-    ``owned``: the rows are an array of their own (a run of one-row samples), not a view of the
-    tar bytes, so a batch may view them without a copy."""
+    ``owned``: the rows are writable memory that nothing else uses (a run of one-row samples,
+    or a block read into a buffer of its own), so a batch may view them without a copy."""
 
     def __new__(cls, ids, X, owned: bool = False):
         block = super().__new__(cls, (ids, X))
