@@ -5,6 +5,8 @@ every comparison here runs both and requires them to agree: labels exactly, valu
 rounding, whole streams batch by batch.
 """
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -61,12 +63,14 @@ def test_the_multiply_takes_views_and_is_the_same_on_every_call(kernel_multiply)
         torch.set_num_threads(threads)
 
 
-@needs_multiply
-def test_the_multiply_is_chosen_by_processor_unless_told(monkeypatch):
-    module = cpu.avx512_kernel()
+@pytest.mark.parametrize("intel,mkl,expected", [(True, True, "blas"), (True, False, "kernel"),
+                                                (False, True, "kernel"), (False, False, "kernel")])
+def test_the_multiply_is_chosen_by_processor_unless_told(monkeypatch, intel, mkl, expected):
+    module = types.SimpleNamespace(has_avx512=lambda: True, is_intel=lambda: intel)
+    monkeypatch.setattr(cpu, "kernels", lambda: module)
+    monkeypatch.setattr(cpu, "_blas_is_mkl", lambda: mkl)
     monkeypatch.delenv(cpu.MULTIPLY_FLAG, raising=False)
-    intel_with_mkl = module.is_intel() and torch.backends.mkl.is_available()
-    assert (cpu.multiply_kernel() is None) == intel_with_mkl
+    assert cpu.multiply_kernel() is (module if expected == "kernel" else None)
     monkeypatch.setenv(cpu.MULTIPLY_FLAG, "blas")
     assert cpu.multiply_kernel() is None
     monkeypatch.setenv(cpu.MULTIPLY_FLAG, "kernel")
@@ -74,6 +78,9 @@ def test_the_multiply_is_chosen_by_processor_unless_told(monkeypatch):
     monkeypatch.setenv(cpu.MULTIPLY_FLAG, "fast")
     with pytest.raises(ValueError, match="STREAMCOKE_CPU_MULTIPLY='fast'"):
         cpu.multiply_kernel()
+    module.has_avx512 = lambda: False  # no AVX-512: the BLAS, whatever is asked
+    monkeypatch.setenv(cpu.MULTIPLY_FLAG, "kernel")
+    assert cpu.multiply_kernel() is None
 
 
 @needs_multiply

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import cpu
 from .centers import scatter_sum
 from .schedule import gap_sums
-from .similarity import KERNEL_MIN_ROWS, products, row_offset, score_terms
+from .similarity import multiply_kernel_for, products, row_offset, score_terms
 
 
 def head_offsets(sizes: Sequence[int]) -> list[int]:
@@ -84,11 +84,12 @@ def biased_argmax(Z: Tensor, bias: Tensor, sizes: Sequence[int], alpha: float = 
 
 def scored_argmax(X: Tensor, centers: Tensor, bias: Tensor, sizes: Sequence[int], alpha: float = 1.0,
                   gap_rows: int = 0, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``Z = products(X, centers, out)`` and :func:`biased_argmax` of it: ``(Z, labels, best, gap)``.
+    """``Z = products(X, centers)`` and :func:`biased_argmax` of it: ``(Z, labels, best, gap)``.
 
-    On the CPU one call of :mod:`streamcoke.core.cpu` does both, each thread reading its chunk of
-    ``Z`` back while the chunk is still in the core's cache (the same multiply as
-    :func:`~streamcoke.core.similarity.products`, and the same results).
+    ``Z`` is written into ``out`` where that is a contiguous (n, n_centers) buffer. On the CPU one
+    call of :mod:`streamcoke.core.cpu` does both, each thread reading its chunk of ``Z`` back
+    while the chunk is still in the core's cache; its multiply is the one
+    :func:`~streamcoke.core.similarity.products` would use.
     """
     kernels = cpu.kernels() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 else None
     if kernels is None:
@@ -96,7 +97,7 @@ def scored_argmax(X: Tensor, centers: Tensor, bias: Tensor, sizes: Sequence[int]
         return (Z, *biased_argmax(Z, bias, sizes, alpha, gap_rows))
     if out is None or not out.is_contiguous():
         out = torch.empty((X.shape[0], centers.shape[0]), dtype=torch.float32)
-    use_kernel = X.shape[0] >= KERNEL_MIN_ROWS and cpu.multiply_kernel() is not None
+    use_kernel = multiply_kernel_for(X, centers) is not None
     labels, best, gap = kernels.scored_argmax(X.contiguous(), centers.contiguous(), out, bias.contiguous(),
                                               float(alpha), list(sizes), int(gap_rows), use_kernel, 0)
     return out, labels, best, gap

@@ -37,6 +37,14 @@ def prepare(X: Tensor, metric: str) -> Tensor:
     return normalize_rows(X) if metric == "cosine" else X
 
 
+def multiply_kernel_for(X: Tensor, centers: Tensor):
+    """The compiled module whose AVX-512 multiply :func:`products` uses for ``X @ centers.T``,
+    or None where the BLAS does it."""
+    if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 and X.shape[0] >= KERNEL_MIN_ROWS:
+        return cpu.multiply_kernel()
+    return None
+
+
 def products(X: Tensor, centers: Tensor, out: Tensor | None = None) -> Tensor:
     """``X @ centers.T``, shape ``(n_samples, n_centers)``, into ``out`` when given.
 
@@ -46,8 +54,7 @@ def products(X: Tensor, centers: Tensor, out: Tensor | None = None) -> Tensor:
     it saves), elsewhere torch's BLAS; the two agree to float32 rounding (they add the features in
     different orders).
     """
-    kernel = cpu.multiply_kernel() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 \
-        and X.shape[0] >= KERNEL_MIN_ROWS else None
+    kernel = multiply_kernel_for(X, centers)
     if kernel is None:
         return torch.mm(X, centers.T, out=out)
     if out is None:

@@ -333,25 +333,15 @@ at::Tensor gap_sums_in_order(const float* top, const float* second, int64_t gap_
 constexpr int64_t kPanel = 32;
 constexpr int64_t kRows = 12;
 
-bool has_avx512() {
+// Whether the processor has AVX-512, and whether it is an Intel one, where the BLAS that torch
+// ships on x86 (MKL) multiplies faster than the kernel below and so does the multiply instead.
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+bool is_intel() { return __builtin_cpu_is("intel"); }
 #else
-  return false;
+bool has_avx512() { return false; }
+bool is_intel() { return false; }
 #endif
-}
-
-// Whether this is an Intel processor, where the BLAS that torch ships on x86 (MKL) multiplies
-// faster than the kernel below and so does the multiply instead.
-bool is_intel() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = __builtin_cpu_is("intel");
-  return yes;
-#else
-  return false;
-#endif
-}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // Centers (K, d) row-major -> panels (P, d, kPanel), the columns past K zero.
