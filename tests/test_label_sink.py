@@ -170,3 +170,17 @@ def test_str_ids_give_pyarrows_strings(ids):
     got = _id_array(ids)
     assert got.type == pa.string() and got.equals(pa.array(ids, type=pa.string()))
     assert got.to_pylist() == ids.tolist()
+
+
+def test_pages_carry_checksums(tmp_path):
+    path = tmp_path / "labels.parquet"
+    with ParquetLabelSink(path, row_group_size=100) as sink:
+        for s in range(0, 300, 50):
+            sink.write(*batch(s, 50), epoch=0)
+    assert pq.ParquetFile(path, page_checksum_verification=True).read().num_rows == 300
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(2)  # the similarities of the second row group
+    raw = bytearray(path.read_bytes())
+    raw[meta.data_page_offset + meta.total_compressed_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="CRC"):
+        pq.ParquetFile(path, page_checksum_verification=True).read()

@@ -142,6 +142,23 @@ def test_a_corrupt_page_header_names_the_file(tmp_path):
         np.testing.assert_array_equal(F, np.concatenate([X[:100], X[:200]]))
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_page_that_fails_its_checksum_names_the_file(tmp_path, compression):
+    X = np.random.default_rng(5).normal(size=(400, 32)).astype(np.float32)
+    path = write(tmp_path / "c.parquet", X, row_group_size=200, use_dictionary=False, compression=compression,
+                 write_page_checksum=True)
+    src, ids, F = read(path)
+    assert src.rows_from_pages == 400  # checksums that match: the page reader takes the file
+    np.testing.assert_array_equal(F, X)
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    raw = bytearray(path.read_bytes())
+    raw[meta.data_page_offset + meta.total_compressed_size // 2] ^= 0x40  # a byte inside the page body
+    path.write_bytes(bytes(raw))
+    for page_reader in (True, False):
+        with pytest.raises(DataError, match=r"CRC.*c\.parquet"):
+            read(path, page_reader=page_reader)
+
+
 def test_hybrid_runs_of_the_format_description():
     # Bit width 3, the values 0..7 bit-packed (one group: header (1 << 1) | 1), then a run of
     # five 4s (header 5 << 1, one byte of value).

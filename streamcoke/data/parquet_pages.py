@@ -10,7 +10,8 @@ then taken as they lie in the page.
 
 :func:`read_row_group` reads one row group of one column this way, page by page. Whatever it
 does not take for certain (a null, a row of another length, an encoding, codec or page kind not
-listed below, a page that does not parse) makes it raise :class:`Decline` before it yields that
+listed below, a page that does not parse, a page whose CRC-32 does not match the one its header
+holds) makes it raise :class:`Decline` before it yields that
 page, and the caller reads the rest of the row group with pyarrow, which also reports any error.
 So a file reads the same either way; only the time differs.
 
@@ -22,6 +23,7 @@ repetition level 1 (a list).
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -130,7 +132,7 @@ _DATA_V1 = {1: ("num_values", _i32), 2: ("encoding", _i32)}
 _DICT = {1: ("num_values", _i32), 2: ("encoding", _i32)}
 _DATA_V2 = {1: ("num_values", _i32), 2: ("num_nulls", _i32), 3: ("num_rows", _i32), 4: ("encoding", _i32),
             5: ("def_bytes", _i32), 6: ("rep_bytes", _i32), 7: ("is_compressed", _bool)}
-_PAGE = {1: ("type", _i32), 2: ("uncompressed_size", _i32), 3: ("compressed_size", _i32),
+_PAGE = {1: ("type", _i32), 2: ("uncompressed_size", _i32), 3: ("compressed_size", _i32), 4: ("crc", _i32),
          5: ("v1", lambda r, k: r.struct(_DATA_V1)), 7: ("dict", lambda r, k: r.struct(_DICT)),
          8: ("v2", lambda r, k: r.struct(_DATA_V2))}
 
@@ -348,6 +350,8 @@ def read_row_group(f: pa.NativeFile, pf: pq.ParquetFile, group: int, leaf: int, 
                 continue
             f.seek(body_at)
             body = f.read_buffer(stored)
+            if "crc" in header and _crc32(body) != header["crc"]:
+                raise Decline("a page whose checksum does not match")
             if kind == DICTIONARY_PAGE:
                 dictionary = _dictionary(header.get("dict") or {}, body, plain_size, codec, dtype)
                 continue
@@ -378,6 +382,12 @@ def _header(f: pa.NativeFile, pos: int, end: int) -> tuple[dict, int]:
             if window >= end - pos:
                 raise Decline("a page header that does not parse") from None
             window *= 16
+
+
+def _crc32(body: pa.Buffer) -> int:
+    """CRC-32 of a page as stored (compressed), as the signed int32 its header holds."""
+    crc = zlib.crc32(body)
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
 
 
 def _decompress(buf: pa.Buffer, size: int, codec: str | None) -> pa.Buffer:

@@ -201,7 +201,7 @@ class ParquetSource:
         repetition and definition levels), so peak memory grew with the row-group size.
         """
         f = pq.ParquetFile(frag.filesystem.open_input_file(frag.path), buffer_size=READ_BUFFER,
-                           pre_buffer=False)
+                           pre_buffer=False, page_checksum_verification=True)
         leaf = parquet_pages.embedding_leaf(f, self.feature_column) if self.page_reader else None
         pages = frag.filesystem.open_input_file(frag.path) if leaf is not None else None
         pattern = parquet_pages.RowPattern()

@@ -145,7 +145,9 @@ class ParquetLabelSink:
         # unique, so their dictionaries were built, then thrown away, at a cost in memory of
         # several times the row group. Integer ids mostly count up: stored as deltas they take
         # about a byte a row instead of eight.
-        options = {"use_dictionary": self.label_columns + ["epoch"]}
+        # Page checksums let a reader that verifies them (pyarrow's page_checksum_verification,
+        # streamcoke's Parquet source) tell a damaged file from a good one.
+        options = {"use_dictionary": self.label_columns + ["epoch"], "write_page_checksum": True}
         if self.schema is not None and pa.types.is_integer(self.schema.field("id").type):
             options["column_encoding"] = {"id": "DELTA_BINARY_PACKED"}
         return options
