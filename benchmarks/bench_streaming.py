@@ -17,6 +17,10 @@ kind, so that a busy machine slows both sides of a ratio alike; the table shows 
 ``--repeats`` rounds, ``vs memory`` is the best streamed rate over the best in-memory one, and
 ``median`` the median over rounds of each round's own ratio (the steadier figure on a shared
 machine, where one slow round moves a best-of ratio a lot).
+The streamed runs use the command's default ``--prefetch auto``: on a CPU step with no core to
+spare beyond torch's threads it reads between steps. Each kind is also run at 1x with
+``--prefetch on`` (a reader thread beside the step), side by side, to show what that choice is
+worth on the machine at hand.
 ``read alone`` is the source by itself (``streamcoke.data.open_source``, one thread, no
 clustering, no prefetch thread): what reading costs the machine, apart from the contention.
 Peak memory is the peak resident set size of a separate process per run (its own VmHWM), at 1x
@@ -42,6 +46,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 D, K, B = 128, 1000, 1024
 RESULTS = Path(__file__).parent / "results" / "streaming.json"
@@ -138,10 +145,10 @@ print("rate", n / (time.perf_counter() - start))
     return float(re.search(r"^rate ([\d.e+]+)$", out, re.M).group(1))
 
 
-def cli_run(inputs: list[str], folder: Path) -> tuple[float, int]:
+def cli_run(inputs: list[str], folder: Path, prefetch: str = "auto") -> tuple[float, int]:
     """`streamcoke cluster` on ``inputs``; returns (samples/s after the first batch, peak RSS in KiB)."""
     argv = ["cluster", *inputs, "--n-clusters", str(K), "--batch-size", str(B), "--epochs", "1", "--quiet",
-            "--seed", "0", "--out", str(folder / "labels.parquet")]
+            "--seed", "0", "--prefetch", prefetch, "--out", str(folder / "labels.parquet")]
     out, rss = measured(f"from streamcoke.cli import main\nmain({argv!r})")
     rate = float(re.search(r"([\d,]+) samples/s after the first batch", out).group(1).replace(",", ""))
     return rate, rss
@@ -157,6 +164,9 @@ def main() -> None:
     args = parser.parse_args()
     n1 = args.rows
     repeats = args.repeats or (1 if args.quick else 3)
+    import torch
+
+    from streamcoke.data import prefetch_pays
     from streamcoke.io.shards import write_array_shards
 
     with tempfile.TemporaryDirectory(prefix="streamcoke-bench-") as tmp:
@@ -173,6 +183,7 @@ def main() -> None:
         kinds = ("parquet", "arrow", "npy", "webdataset", "webdataset, blocks")
         mem_rates, mem_rss = [], 0
         rates = {k: [] for k in kinds}
+        threaded = {k: [] for k in kinds}  # --prefetch on
         rss1 = {k: 0 for k in kinds}
         for r in range(repeats):  # in memory, then each kind: a busy machine slows both sides alike
             rate, rss = in_memory_rate(small["npy"])
@@ -182,8 +193,10 @@ def main() -> None:
                 rate, rss = cli_run([str(small[kind])], folder)
                 rates[kind].append(rate)
                 rss1[kind] = max(rss1[kind], rss)
+                threaded[kind].append(cli_run([str(small[kind])], folder, prefetch="on")[0])
             print(f"round {r + 1}: in memory {mem_rates[-1]:,.0f} samples/s, "
-                  + ", ".join(f"{k} {rates[k][-1]:,.0f}" for k in kinds), file=sys.stderr)
+                  + ", ".join(f"{k} {rates[k][-1]:,.0f} (thread {threaded[k][-1]:,.0f})" for k in kinds),
+                  file=sys.stderr)
         rows = {"in-memory partial_fit": {"rate_1x": max(mem_rates), "rates_1x": mem_rates,
                                           "peak_rss_mib_1x": mem_rss / 1024}}
         for kind in kinds:
@@ -191,7 +204,10 @@ def main() -> None:
                    "vs_in_memory": max(rates[kind]) / max(mem_rates),
                    "vs_in_memory_per_round": [a / m for a, m in zip(rates[kind], mem_rates)],
                    "vs_in_memory_median": statistics.median(a / m for a, m in zip(rates[kind], mem_rates)),
-                   "peak_rss_mib_1x": rss1[kind] / 1024}
+                   "peak_rss_mib_1x": rss1[kind] / 1024,
+                   "prefetch_on_rates_1x": threaded[kind],
+                   "prefetch_on_vs_in_memory_median": statistics.median(
+                       a / m for a, m in zip(threaded[kind], mem_rates))}
             row["read_alone"] = read_rate(small[kind])
             if kind in large:
                 r10, m10 = cli_run([str(large[kind])], folder)
@@ -201,21 +217,25 @@ def main() -> None:
 
     print(f"\nd = {D}, K = {K}, batch = {B}, 1x = {n1:,} rows, 10x = {10 * n1:,} rows, one epoch; "
           f"rates after the first batch, best of {repeats}\n")
-    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'median':>7s} {'read alone':>11s} "
-          f"{'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
+    print(f"--prefetch auto reads {'in a thread' if prefetch_pays() else 'between steps'} here "
+          f"({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads); 'thread' is the median ratio with --prefetch on\n")
+    print(f"{'':40s} {'samples/s 1x':>13s} {'10x':>10s} {'vs memory':>10s} {'median':>7s} {'thread':>7s} "
+          f"{'read alone':>11s} {'RSS MiB 1x':>11s} {'10x':>8s} {'growth':>7s}")
     for name, r in rows.items():
         fmt = lambda k, f: (f.format(r[k]) if k in r else "-")  # noqa: E731
         print(f"{name:40s} {fmt('rate_1x', '{:,.0f}'):>13s} {fmt('rate_10x', '{:,.0f}'):>10s} "
               f"{fmt('vs_in_memory', '{:.0%}'):>10s} {fmt('vs_in_memory_median', '{:.0%}'):>7s} "
-              f"{fmt('read_alone', '{:,.0f}'):>11s} "
+              f"{fmt('prefetch_on_vs_in_memory_median', '{:.0%}'):>7s} {fmt('read_alone', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_1x', '{:,.0f}'):>11s} "
               f"{fmt('peak_rss_mib_10x', '{:,.0f}'):>8s} {fmt('rss_growth_10x', '{:+.0%}'):>7s}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "config": {"n_features": D, "n_clusters": K, "batch_size": B, "rows_1x": n1, "rows_10x": 10 * n1,
                    "repeats": repeats, "quick": args.quick, "rates": "samples/s after the first batch",
-                   "webdataset blocks": f"{B} rows per sample"},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+                   "webdataset blocks": f"{B} rows per sample", "prefetch auto reads in a thread": prefetch_pays(),
+                   "torch_threads": torch.get_num_threads()},
+        "machine": {**machine(), "platform": platform.platform()},
         "results": rows}, indent=2) + "\n")
     print(f"\nwritten to {args.out}")
 

@@ -54,6 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id-column", default="id", help="Parquet column with the ids ('' numbers the rows)")
     g.add_argument("--shuffle-buffer", type=int, default=0, help="WebDataset sample shuffle buffer (0: none)")
     g.add_argument("--workers", type=int, default=0, help="WebDataset reader processes (0: a reader thread)")
+    g.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                   help="read batches ahead in a background thread: auto (default) does on a GPU or with a "
+                        "core to spare beyond torch's threads, and reads between steps otherwise")
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="bad samples: stop with an error naming file and key, or skip and count them")
     g = p.add_argument_group("output")
@@ -178,11 +181,12 @@ def cluster(args: argparse.Namespace) -> int:
 
     from . import MultiOnlineConstrainedKMeans, OnlineConstrainedKMeans
     from .cluster._base import resolve_device
-    from .data import DataError, SkipErrors, prefetch, raise_errors
+    from .data import DataError, SkipErrors, prefetch, prefetch_pays, raise_errors
     from .io.labels import ParquetLabelSink
     from .metrics import clustering_scores
 
     device = resolve_device(args.device)
+    read_ahead = args.prefetch == "on" or (args.prefetch == "auto" and prefetch_pays(device))
     handler = SkipErrors() if args.on_error == "skip" else raise_errors
     try:
         source, y_true = _open(args, device, handler)
@@ -232,7 +236,7 @@ def cluster(args: argparse.Namespace) -> int:
                 sink = open_sink(position["sink_parts"] if resumed and position["sink_parts"] else None)
             n_seen, step = (skip * args.batch_size if resumed else 0), skip
             batches = _batches(source, epoch, skip, handler, position["skipped"] if resumed else None)
-            for ids, X in prefetch(batches):
+            for ids, X in (prefetch(batches) if read_ahead else batches):
                 if not km.__sklearn_is_fitted__() and len(X) < max(Ks):
                     raise SystemExit(f"streamcoke: the first batch has {len(X)} rows, fewer than "
                                      f"--n-clusters {max(Ks)}; raise --batch-size")

@@ -141,6 +141,25 @@ def test_shards_bad_input_and_skip(capsys, data, tmp_path):
     assert ids[:1000] == [f"{i:09d}" for i in range(1000)] and ids[-1000:] == [f"{i:09d}" for i in range(2000, 3000)]
 
 
+def test_prefetch_on_and_off_give_the_same_labels_and_errors(capsys, data, tmp_path):
+    # Reading ahead in a thread or between steps changes only when the reading happens.
+    d, _ = data
+    assert main(["shards", str(d / "x.npy"), "--prefix", str(tmp_path / "sh" / "x"), "--maxcount", "1000"]) == 0
+    pattern = capsys.readouterr().out.strip()
+    bad = tmp_path / "sh" / "x-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:200_000])
+    for mode in ("on", "off"):
+        with pytest.raises(SystemExit, match="x-000001.tar"):
+            run(capsys, pattern, "--n-clusters", 12, "--epochs", 1, "--prefetch", mode, "--out", tmp_path / "raised.pq")
+        assert not (tmp_path / "raised.pq").exists()
+        out = run(capsys, pattern, "--n-clusters", 12, "--batch-size", 200, "--epochs", 2, "--on-error", "skip",
+                  "--prefetch", mode, "--out", tmp_path / f"{mode}.pq")
+        assert "skipped 2 bad samples" in out  # the cut shard, once an epoch
+    on, off = (pq.read_table(tmp_path / f"{m}.pq").to_pydict() for m in ("on", "off"))
+    assert on == off
+    assert on["id"][:1000] == [f"{i:09d}" for i in range(1000)] and on["id"][-1000:] == [f"{i:09d}" for i in range(2000, 3000)]
+
+
 def test_constant_dual_step_option(capsys, data, tmp_path):
     d, _ = data
     run(capsys, d / "x.parquet", "--n-clusters", 12, "--batch-size", 100, "--epochs", 1, "--dual-lr", 0.05,

@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 
 from streamcoke.data import (ArraySource, DataError, ParquetSource, SkipErrors, WebDatasetSource, input_kind,
-                             open_source, prefetch)
+                             open_source, prefetch, prefetch_pays)
 from streamcoke.data.array_source import NpyFile
 from streamcoke.io.shards import write_array_shards, write_image_folder_shards
 
@@ -453,6 +453,17 @@ def test_prefetch_keeps_order_and_raises_in_place():
         for v in prefetch(gen(), depth=1):
             out.append(v)
     assert out == [0, 1, 2]
+
+
+def test_prefetch_pays_on_a_gpu_or_with_a_core_to_spare(monkeypatch):
+    from streamcoke.data import batch
+
+    monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not prefetch_pays() and not prefetch_pays("cpu")  # the step's threads hold every core
+    assert prefetch_pays("cuda") and prefetch_pays(torch.device("cuda", 1))  # the step leaves the cores free
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert prefetch_pays("cpu")
 
 
 def test_local_shards_read_as_webdataset_reads_them(tmp_path, X):

@@ -18,11 +18,11 @@ import re
 from typing import Sequence
 
 from .array_source import ArraySource
-from .batch import Batch, DataError, SkipErrors, prefetch, raise_errors
+from .batch import Batch, DataError, SkipErrors, prefetch, prefetch_pays, raise_errors
 from .parquet_source import IPC_SUFFIXES, ParquetSource
 from .webdataset_source import WebDatasetSource
 
-__all__ = ["Batch", "DataError", "SkipErrors", "raise_errors", "prefetch", "ArraySource",
+__all__ = ["Batch", "DataError", "SkipErrors", "raise_errors", "prefetch", "prefetch_pays", "ArraySource",
            "ParquetSource", "WebDatasetSource", "input_kind", "open_source"]
 
 _BRACES = re.compile(r"\{[^{}]*\.\.[^{}]*\}")

@@ -9,6 +9,7 @@ argument, as in webdataset: the handler raises it, or returns to skip the sample
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -130,6 +131,23 @@ def to_device(X: np.ndarray, device) -> Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t if device.type == "cpu" else t.to(device)
+
+
+def prefetch_pays(device=None) -> bool:
+    """Whether reading batches ahead in a background thread (:func:`prefetch`) speeds up a loop
+    that steps a clusterer on ``device``: yes for a GPU, whose step leaves the host's cores
+    free, and where the process has a core to spare beyond torch's intra-op threads.
+
+    Otherwise the reader thread takes a core from the step's threads, and every parallel pass
+    of the step waits at its barrier for the thread that lost its core, so reading in the
+    caller, between steps, is the faster of the two (``benchmarks/bench_streaming.py`` times
+    both side by side).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 def prefetch(batches: Iterable, depth: int = 16) -> Iterator:
