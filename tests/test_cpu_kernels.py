@@ -16,7 +16,7 @@ from streamcoke.core import cpu
 from streamcoke.core.assign import biased_argmax, scored_argmax
 from streamcoke.core.centers import running_mean_step
 from streamcoke.core.cpu import use_cpu_kernels
-from streamcoke.core.similarity import KERNEL_MIN_ROWS, assigned_scores, prepare, products, score_terms, scores
+from streamcoke.core.similarity import KERNEL_MIN_ROWS, prepare, products, score_terms, scores
 
 needs_kernels = pytest.mark.skipif(cpu.kernels() is None, reason="the fused CPU kernels could not be built here")
 needs_multiply = pytest.mark.skipif(cpu.avx512_kernel() is None,
@@ -109,24 +109,6 @@ def test_the_multiply_checks_its_arguments():
         k.scores_into(X, C, torch.empty(80, 8))
     with pytest.raises(RuntimeError, match="float32"):
         k.scores_into(X.double(), C, torch.empty(80, 7))
-
-
-@needs_kernels
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("d", [1, 16, 37])
-def test_assigned_scores_match_torch_and_the_full_scores(metric, d):
-    g = torch.Generator().manual_seed(d)
-    X, C = torch.randn(150, d, generator=g) * 3, torch.randn(20, d, generator=g)
-    X[7] = 0.0  # a zero row: cosine similarity 0, as normalising it leaves it zero
-    labels = torch.randint(0, 20, (150,), generator=g)
-    fast = assigned_scores(X, C, labels, metric)
-    with use_cpu_kernels(False):
-        ref = assigned_scores(X, C, labels, metric)
-    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)
-    full = scores(prepare(X, metric), C, metric) if metric == "cosine" else -torch.cdist(X, C).pow(2)
-    assert torch.allclose(fast, full[torch.arange(150), labels], rtol=1e-4, atol=1e-4)
-    with pytest.raises(RuntimeError, match="label out of range"):
-        assigned_scores(X, C, torch.full((150,), 20), metric)
 
 
 @needs_kernels

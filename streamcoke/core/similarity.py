@@ -74,22 +74,6 @@ def scores(X: Tensor, centers: Tensor, metric: str) -> Tensor:
     return Z.mul_(2.0).sub_(sq_c.unsqueeze(0)).sub_(sq_x)
 
 
-def assigned_scores(X: Tensor, centers: Tensor, labels: Tensor, metric: str) -> Tensor:
-    """Similarity of each sample of ``X`` (as given, not prepared) to the center its label
-    names, shape ``(n,)``: ``scores(prepare(X), centers)[i, labels[i]]`` without the other
-    centers. On the CPU one fused pass (:mod:`streamcoke.core.cpu`); the two agree to float32
-    rounding.
-    """
-    kernel = cpu.kernels() if X.device.type == "cpu" and X.dtype == centers.dtype == torch.float32 else None
-    if kernel is not None:
-        return kernel.assigned_similarity(X.contiguous(), centers.contiguous(), labels.long().contiguous(),
-                                          metric == "cosine")
-    c = centers.index_select(0, labels)
-    if metric == "cosine":
-        return (normalize_rows(X) * c).sum(1)
-    return (X - c).square().sum(1).neg()
-
-
 def label_scores(Z: Tensor, labels: Tensor, offsets: Sequence[int], centers: Tensor, X: Tensor,
                  metric: str) -> Tensor:
     """Similarity of each sample to the center its label names, per head, shape (n, n_heads),

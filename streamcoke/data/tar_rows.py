@@ -252,15 +252,15 @@ def _keys(v: np.ndarray, at: int, key_len: int) -> np.ndarray:
     return v[:, at:at + key_len].astype(np.uint32).view(f"U{key_len}").ravel()
 
 
-def row_runs(f, field: str = "npy", start: int = 0) -> Iterator[RowRun]:
-    """One-row samples of the open, uncompressed tar file ``f`` from byte ``start``, in runs;
+def row_runs(f, field: str = "npy") -> Iterator[RowRun]:
+    """One-row samples of the open, uncompressed tar file ``f`` from its start, in runs;
     returns (as the generator's value) the offset from which the member-by-member reader must
     go on. ``field`` is the feature field, ``.npy``.
 
     A layout holds while the samples keep their members, sizes and key length; where one
     changes (keys ``k9`` then ``k10``), the layout is learnt anew from the sample there."""
-    lay = _layout(f, start, field)
-    off, previous, buf = start, None, None
+    lay = _layout(f, 0, field)
+    off, previous, buf = 0, None, None
     while lay is not None:
         per_chunk = max(2, CHUNK_BYTES // lay.stride)
         first, feat = lay.members[0], lay.members[lay.feature]

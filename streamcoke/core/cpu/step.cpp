@@ -191,21 +191,6 @@ SC_INLINE float dot_lanes(const float* x, const float* y, int64_t d) {
   return s;
 }
 
-// sum_j (x_j - y_j)^2.
-template <class L>
-SC_INLINE float squared_distance_lanes(const float* x, const float* y, int64_t d) {
-  using F = typename L::F;
-  F acc = L::splat(0.0f);
-  const int64_t full = d - d % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    const F v = L::load(x + j) - L::load(y + j);
-    acc = acc + v * v;
-  }
-  float s = lane_sum(acc);
-  for (int64_t j = full; j < d; ++j) s += (x[j] - y[j]) * (x[j] - y[j]);
-  return s;
-}
-
 // Whether x[0 .. m) holds no NaN and no infinity: x * 0 is 0 for every finite x and NaN
 // otherwise, and a NaN anywhere makes the sum unequal to itself.
 template <class L>
@@ -235,7 +220,6 @@ SC_VERSIONS(float, biased_argmax_row, (const float* z, const float* b, float alp
             (z, b, alpha, k, arg))
 SC_VERSIONS(float, biased_max, (const float* z, const float* b, float alpha, int64_t k), (z, b, alpha, k))
 SC_VERSIONS(float, dot, (const float* x, const float* y, int64_t d), (x, y, d))
-SC_VERSIONS(float, squared_distance, (const float* x, const float* y, int64_t d), (x, y, d))
 SC_VERSIONS(bool, finite_span, (const float* x, int64_t m), (x, m))
 
 inline float squared_norm(const float* x, int64_t d) { return dot(x, x, d); }
@@ -733,38 +717,6 @@ at::Tensor certificate_terms(const at::Tensor& best, const at::Tensor& X, const 
   return out;
 }
 
-// Similarity of every sample to one center each: <x_i, c_{l_i}> / max(||x_i||, 1e-12) (the
-// cosine of the normalised sample) or -||x_i - c_{l_i}||^2 (Euclidean). X: (n, d) as given,
-// not normalised; C: (K, d); labels: (n,) int64. One pass over X and the chosen centers, where
-// the torch version normalises a copy of X, gathers a copy of the centers and multiplies.
-at::Tensor assigned_similarity(const at::Tensor& X, const at::Tensor& C, const at::Tensor& labels, bool cosine) {
-  check_cpu_float(X, "X", 2);
-  check_cpu_float(C, "centers", 2);
-  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
-                  labels.is_contiguous(), "labels must be a contiguous int64 CPU tensor");
-  const int64_t n = X.size(0), d = X.size(1), K = C.size(0);
-  TORCH_CHECK(C.size(1) == d, "X and centers have different numbers of features");
-  TORCH_CHECK(labels.size(0) == n, "labels must hold one value per sample");
-  auto out = at::empty({n}, X.options());
-  const float* x = X.data_ptr<float>();
-  const float* c = C.data_ptr<float>();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lab[i] >= 0 && lab[i] < K, "label out of range");
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* xi = x + i * d;
-      const float* ci = c + lab[i] * d;
-      if (cosine) {
-        o[i] = dot(xi, ci, d) / std::max(std::sqrt(squared_norm(xi, d)), 1e-12f);
-      } else {
-        o[i] = -squared_distance(xi, ci, d);
-      }
-    }
-  });
-  return out;
-}
-
 // The rest of a batch's projected dual ascent when it takes several steps (the default schedule
 // splits a batch that holds several quotas of every cluster), for one process: after each step
 // the batch is re-assigned with the new duals from the same raw scores, recounted, and stepped
@@ -931,7 +883,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("biased_argmax", &biased_argmax, "Per-head argmax of alpha * Z + bias with the score gap", nogil);
   m.def("scored_argmax", &scored_argmax, "Z = X C^T and its per-head biased argmax in one pass", nogil);
   m.def("running_mean_update", &running_mean_update, "Running-mean center update from a batch", nogil);
-  m.def("assigned_similarity", &assigned_similarity, "Similarity of every sample to its own center", nogil);
   m.def("normalize_rows", &normalize_rows, "Rows scaled to unit length", nogil);
   m.def("all_finite", &all_finite, "Whether every entry is finite", nogil);
   m.def("certificate_terms", &certificate_terms, "A batch's terms of the duality certificate", nogil);
