@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -39,3 +41,18 @@ def test_curate_balanced_example_balances_the_classes(tmp_path):
     assert largest_after < largest_before  # the head class's share shrinks
     for name in ("labels.parquet", "subset.parquet", "balanced_subset.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_stream_parquet_example_writes_labels_and_lifts_the_smallest_cluster(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "stream_parquet.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    smallest = {line.split()[0]: int(line.split()[3]) for line in done.stdout.splitlines()
+                if line.startswith("min_size_ratio=")}
+    assert smallest["min_size_ratio=0.4"] > smallest["min_size_ratio=0.0"]  # what the constraint is for
+    assert "ACC" in done.stdout and "NMI" in done.stdout
+    for ratio in ("0.4", "0.0"):
+        t = pq.read_table(tmp_path / f"labels_{ratio}.parquet")
+        assert t.column_names == ["id", "label", "similarity", "epoch"]
+        assert sorted(t.column("id").to_pylist()) == list(range(20_000)) and set(t.column("epoch").to_pylist()) == {2}
+    assert (tmp_path / "cluster_sizes.png").stat().st_size > 0
