@@ -154,7 +154,7 @@ def prefetch(batches: Iterable, depth: int = 16) -> Iterator:
     """Iterate ``batches`` in a background thread, up to ``depth`` items ahead, in the same order.
 
     Reading and decoding (pyarrow, numpy, zlib and file reads release the GIL) then overlaps
-    with the clustering step. The thread works in bursts: once the queue has run down to a
+    with the clustering step, where a core is free for it: :func:`prefetch_pays`. The thread works in bursts: once the queue has run down to a
     quarter of ``depth`` it refills it, then sleeps, so it is scheduled onto the cores the
     step's threads are using a few times in ``depth`` batches rather than at every batch. An
     error in the thread is raised in the caller at the position it happened.
